@@ -1,0 +1,59 @@
+"""``lmpipe``: one command per stage. Each subcommand parses its flags and calls the stage's ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmpipe.errors import LmpipeError
+
+
+def _demo_corpus(args: argparse.Namespace) -> int:
+    from lmpipe import demo_corpus
+
+    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+    info = demo_corpus.write(args.out, args.max_mb, sources)
+    print(info["uri"])
+    return 0
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    from spark_jobs import tokenize_shard
+
+    m = tokenize_shard.run(tokenize_shard.config_from_args(args))
+    print(m["config"]["out"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmpipe", description="Raw text to a served language model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-corpus", help="write a deterministic JSONL corpus from Python's own docs and sources")
+    p.add_argument("--out", required=True, help="a .jsonl file or a folder/prefix for parts (local, file://, s3://)")
+    p.add_argument("--max-mb", type=float, default=None, help="stop at this many MB (default: everything)")
+    p.add_argument("--sources", default="docs,stdlib", help="comma list of docs, stdlib, site-packages")
+    p.set_defaults(func=_demo_corpus)
+
+    from spark_jobs import tokenize_shard
+
+    p = sub.add_parser("tokenize", help="Spark job: tokenize a corpus and pack it into shards")
+    tokenize_shard.add_arguments(p)
+    p.set_defaults(func=_tokenize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LmpipeError as exc:
+        print(f"lmpipe {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"lmpipe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""One small object-storage layer: local folders (the embedded default) and S3/MinIO.
+
+A ``Store`` is rooted at a URI (``/data/x``, ``file:///data/x``, ``s3://bucket/prefix``)
+and addresses objects by relative keys. Keys that could escape the root (``..``,
+absolute paths) are rejected, and downloads never write outside their target folder.
+
+S3 goes through boto3 with its standard credential chain (``AWS_ACCESS_KEY_ID``...,
+``AWS_PROFILE``) and endpoint settings (``AWS_ENDPOINT_URL`` or ``endpoint_url`` for
+MinIO). Large files go up in multipart uploads with SHA-256 checksums, which S3
+verifies per part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+from urllib.parse import urlparse
+
+from lmpipe.config import stage_config
+from lmpipe.errors import StorageError, UnsafeKeyError
+
+MB = 1024 * 1024
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _publish(tmp: str, target: Path) -> None:
+    """Rename a finished temp file into place with normal permissions (mkstemp makes 0600)."""
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.replace(tmp, target)
+
+
+@stage_config
+class StorageConfig:
+    """S3 settings. ``None`` means boto3's standard resolution (env vars, profiles, config files)."""
+
+    endpoint_url: str | None = None  # e.g. http://minio:9000; AWS_ENDPOINT_URL also works
+    region: str | None = None
+    profile: str | None = None
+    multipart_threshold_mb: int = 64
+    multipart_chunk_mb: int = 16
+    connect_timeout_s: float = 5.0
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` normalised, or raise if it is empty, absolute, or climbs with ``..``."""
+    if not key or "\x00" in key:
+        raise UnsafeKeyError(f"object key {key!r} is empty or contains NUL")
+    if key.startswith(("/", "\\")) or (len(key) > 1 and key[1] == ":"):
+        raise UnsafeKeyError(f"object key {key!r} is an absolute path")
+    parts = key.replace("\\", "/").split("/")
+    if any(p == ".." for p in parts):
+        raise UnsafeKeyError(f"object key {key!r} contains '..'")
+    return "/".join(p for p in parts if p not in ("", "."))
+
+
+def safe_join(root: Path, key: str) -> Path:
+    """``root/key``, guaranteed to stay inside ``root`` (symlinks resolved)."""
+    root = root.resolve()
+    target = (root / check_key(key)).resolve()
+    if target != root and not target.is_relative_to(root):
+        raise UnsafeKeyError(f"object key {key!r} resolves outside {root}")
+    return target
+
+
+def sha256_file(path: str | Path, chunk: int = 4 * MB) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Store:
+    """Objects under one root URI, addressed by relative keys."""
+
+    uri: str
+
+    def put_file(self, key: str, local_path: str | Path) -> None: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def open(self, key: str) -> BinaryIO: ...
+    def list(self, prefix: str = "") -> list[ObjectInfo]: ...
+    def exists(self, key: str) -> bool: ...
+    def delete_prefix(self, prefix: str) -> int: ...
+
+    def url(self, key: str = "") -> str:
+        key = check_key(key) if key else ""
+        return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
+
+    def get_file(self, key: str, dest: str | Path) -> Path:
+        """Download ``key`` to ``dest`` atomically (temp file + rename)."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".lmpipe-tmp-")
+        try:
+            with os.fdopen(fd, "wb") as out, self.open(key) as src:
+                shutil.copyfileobj(src, out, 4 * MB)
+            _publish(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return dest
+
+    def download_prefix(self, prefix: str, dest_dir: str | Path) -> list[Path]:
+        """Copy every object under ``prefix`` into ``dest_dir``; refuse keys that would escape it."""
+        dest_dir = Path(dest_dir)
+        prefix = check_key(prefix) + "/" if prefix else ""
+        plan = []
+        for obj in self.list(prefix):
+            plan.append((obj.key, safe_join(dest_dir, obj.key[len(prefix) :])))
+        return [self.get_file(key, target) for key, target in plan]
+
+    def sha256(self, key: str) -> str:
+        h = hashlib.sha256()
+        with self.open(key) as f:
+            while block := f.read(4 * MB):
+                h.update(block)
+        return h.hexdigest()
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def path(self, key: str) -> Path:
+        return safe_join(self.root, key)
+
+    def put_file(self, key: str, local_path: str | Path) -> None:
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".lmpipe-tmp-")
+        os.close(fd)
+        try:
+            shutil.copyfile(local_path, tmp)
+            _publish(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".lmpipe-tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            _publish(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return open(self.path(key), "rb")
+        except (FileNotFoundError, IsADirectoryError):
+            raise StorageError(f"no object {self.url(key)}") from None
+
+    def get_bytes(self, key: str) -> bytes:
+        with self.open(key) as f:
+            return f.read()
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        base = self.path(prefix) if prefix else self.root
+        if base.is_file():
+            return [ObjectInfo(check_key(prefix), base.stat().st_size)]
+        out = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(".lmpipe-tmp-"):
+                    continue
+                p = Path(dirpath) / name
+                out.append(ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size))
+        return sorted(out, key=lambda o: o.key)
+
+    def delete_prefix(self, prefix: str) -> int:
+        target = self.path(prefix) if prefix else self.root
+        if target.is_file():
+            target.unlink()
+            return 1
+        if not target.exists():
+            return 0
+        n = sum(len(files) for _d, _s, files in os.walk(target))
+        shutil.rmtree(target)
+        return n
+
+
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+
+
+def s3_client(cfg: StorageConfig):
+    """One boto3 client per (endpoint, region, profile) and process; clients are thread-safe."""
+    import boto3
+    from botocore.config import Config
+
+    key = (cfg.endpoint_url, cfg.region, cfg.profile, cfg.connect_timeout_s, cfg.max_attempts, os.getpid())
+    with _clients_lock:
+        if key not in _clients:
+            try:
+                session = boto3.session.Session(profile_name=cfg.profile, region_name=cfg.region)
+            except Exception as exc:  # botocore.exceptions.ProfileNotFound and friends
+                raise StorageError(f"cannot set up S3 session: {exc}") from exc
+            _clients[key] = session.client(
+                "s3",
+                endpoint_url=cfg.endpoint_url,
+                config=Config(
+                    connect_timeout=cfg.connect_timeout_s,
+                    retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+                    s3={"addressing_style": "path"} if cfg.endpoint_url else None,
+                ),
+            )
+        return _clients[key]
+
+
+class S3Store(Store):
+    def __init__(self, bucket: str, prefix: str, cfg: StorageConfig | None = None):
+        if not bucket:
+            raise StorageError("S3 URI has no bucket name")
+        self.bucket = bucket
+        self.prefix = check_key(prefix) if prefix.strip("/") else ""
+        self.cfg = cfg or StorageConfig()
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+
+    @functools.cached_property
+    def client(self):
+        return s3_client(self.cfg)
+
+    def _key(self, key: str) -> str:
+        key = check_key(key) if key else ""
+        return f"{self.prefix}/{key}".strip("/") if self.prefix else key
+
+    @contextlib.contextmanager
+    def _errors(self, what: str, key: str = "") -> Iterator[None]:
+        """Turn botocore's exceptions into one clear message naming bucket and endpoint."""
+        from botocore import exceptions as bx
+
+        where = f"bucket {self.bucket!r} at endpoint {self.client.meta.endpoint_url}"
+        try:
+            yield
+        except (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ConnectionClosedError) as exc:
+            raise StorageError(f"cannot reach S3 ({what} {self.url(key)}): {where} is unreachable: {exc}") from exc
+        except (bx.NoCredentialsError, bx.PartialCredentialsError) as exc:
+            raise StorageError(
+                f"no usable AWS credentials for {where}: set AWS_ACCESS_KEY_ID and "
+                f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE ({exc})"
+            ) from exc
+        except bx.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken"):
+                raise StorageError(f"S3 refused the credentials for {where} ({what} {self.url(key)}): {code}") from exc
+            if code == "NoSuchBucket":
+                raise StorageError(f"{where}: the bucket does not exist") from exc
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise StorageError(f"no object {self.url(key)} ({where})") from exc
+            raise StorageError(f"S3 error on {what} {self.url(key)} ({where}): {exc}") from exc
+
+    def put_file(self, key: str, local_path: str | Path) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        tc = TransferConfig(
+            multipart_threshold=self.cfg.multipart_threshold_mb * MB,
+            multipart_chunksize=self.cfg.multipart_chunk_mb * MB,
+        )
+        with self._errors("upload", key):
+            self.client.upload_file(
+                str(local_path), self.bucket, self._key(key), Config=tc, ExtraArgs={"ChecksumAlgorithm": "SHA256"}
+            )
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        with self._errors("upload", key):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ChecksumAlgorithm="SHA256")
+
+    def open(self, key: str) -> BinaryIO:
+        with self._errors("download", key):
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+
+    def get_bytes(self, key: str) -> bytes:
+        with self._errors("download", key):
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            with self._errors("stat", key):
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except StorageError as exc:
+            if isinstance(exc.__cause__, ClientError) and "no object" in str(exc):
+                return False
+            raise
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        full = self._key(prefix) if prefix else self.prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        out = []
+        with self._errors("list", prefix):
+            # An exact object first: a corpus URI may name one file.
+            if full and not full.endswith("/"):
+                pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+                for page in pages:
+                    for obj in page.get("Contents", []):
+                        if obj["Key"] == full:
+                            return [ObjectInfo(obj["Key"][strip:], obj["Size"])]
+                        if obj["Key"].startswith(full + "/"):
+                            out.append(ObjectInfo(obj["Key"][strip:], obj["Size"]))
+            else:
+                for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                    for obj in page.get("Contents", []):
+                        out.append(ObjectInfo(obj["Key"][strip:], obj["Size"]))
+        return sorted(out, key=lambda o: o.key)
+
+    def delete_prefix(self, prefix: str) -> int:
+        objs = self.list(prefix)
+        with self._errors("delete", prefix):
+            for i in range(0, len(objs), 1000):
+                batch = [{"Key": self._key(o.key)} for o in objs[i : i + 1000]]
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(objs)
+
+
+def open_store(uri: str | Path, cfg: StorageConfig | None = None) -> Store:
+    """A store rooted at ``uri``: a local path, ``file://`` URI, or ``s3://bucket/prefix``."""
+    uri = str(uri)
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        return S3Store(parsed.netloc, parsed.path.lstrip("/"), cfg)
+    if parsed.scheme == "file":
+        return LocalStore(parsed.path)
+    if parsed.scheme in ("", ) or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return LocalStore(uri)
+    raise StorageError(f"unsupported storage URI {uri!r}: use a local path, file:// or s3://bucket/prefix")
+
+
+def split_uri(uri: str | Path) -> tuple[str, str]:
+    """``s3://b/a/c.txt`` -> (``s3://b/a``, ``c.txt``): the parent URI and the last name."""
+    uri = str(uri).rstrip("/")
+    parent, _, name = uri.rpartition("/")
+    if not name or parent in ("s3:/", "s3:", ""):
+        return uri, ""
+    return parent, name
+
+
+def join(uri: str, *parts: str) -> str:
+    out = str(uri).rstrip("/")
+    for p in parts:
+        out = f"{out}/{check_key(p)}"
+    return out
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def relative(key: str, prefix: str) -> str:
+    return str(PurePosixPath(key).relative_to(prefix)) if prefix else key
