@@ -134,9 +134,18 @@ def _finish(doc_id: str, text, cfg: CorpusConfig) -> Iterator[Record]:
             yield Record(f"{doc_id}#{i // cfg.max_doc_chars}", text[i : i + cfg.max_doc_chars])
 
 
-def _jsonl(stream, key: str, cfg: CorpusConfig) -> Iterator[Record]:
-    for lineno, raw in enumerate(io.BufferedReader(stream, 1 << 20), start=1):
-        fallback_id = f"{key}:{lineno}"
+def _jsonl(stream, key: str, cfg: CorpusConfig, start: int = 0, end: int | None = None) -> Iterator[Record]:
+    """Records whose line starts in [start, end). ``stream`` is positioned at ``max(start - 1, 0)``:
+    a split that does not begin the file skips the line that began in the previous split."""
+    reader = io.BufferedReader(stream, 1 << 20)
+    pos = 0
+    if start > 0:
+        pos = start - 1 + len(reader.readline())
+    for raw in reader:
+        if end is not None and pos >= end:
+            break
+        offset, pos = pos, pos + len(raw)
+        fallback_id = f"{key}@{offset}"
         if not raw.strip():
             continue
         try:
@@ -190,8 +199,34 @@ def _parquet(path: str, key: str, cfg: CorpusConfig) -> Iterator[Record]:
             yield from _finish(doc_id, text, cfg)
 
 
-def read_file(store: Store, key: str, cfg: CorpusConfig) -> Iterator[Record]:
-    """Every record of one corpus file. A file that cannot be read at all raises CorpusError."""
+def plan_tasks(files: list[ObjectInfo], task_bytes: int) -> list[list[tuple[str, int, int]]]:
+    """Read tasks of about ``task_bytes`` each: lists of (key, start, end) segments.
+
+    Uncompressed JSONL files are cut into byte ranges (a record belongs to the range its
+    line starts in); other files are read whole (end = -1). Consecutive small files are
+    grouped. The plan depends only on the file list, so it is the same on any cluster.
+    """
+    tasks, current, size = [], [], 0
+    for o in sorted(files, key=lambda f: f.key):
+        fmt, compression = file_format(o.key)
+        if fmt == "jsonl" and compression is None and o.size > task_bytes:
+            pieces = [(o.key, s, min(s + task_bytes, o.size), min(task_bytes, o.size - s)) for s in range(0, o.size, task_bytes)]
+        else:
+            pieces = [(o.key, 0, -1, o.size)]
+        for key, start, end, n in pieces:
+            if current and size + n > task_bytes:
+                tasks.append(current)
+                current, size = [], 0
+            current.append((key, start, end))
+            size += n
+    if current:
+        tasks.append(current)
+    return tasks
+
+
+def read_file(store: Store, key: str, cfg: CorpusConfig, start: int = 0, end: int = -1) -> Iterator[Record]:
+    """Every record of one corpus file (or of the byte range [start, end) of an uncompressed
+    JSONL file). A file that cannot be read at all raises CorpusError."""
     fmt, compression = file_format(key)
     where = store.url(key)
     try:
@@ -205,6 +240,10 @@ def read_file(store: Store, key: str, cfg: CorpusConfig) -> Iterator[Record]:
                     shutil.copyfileobj(_decompressed(src, compression), tmp, 4 << 20)
                 tmp.flush()
                 yield from _parquet(tmp.name, where, cfg)
+            return
+        if fmt == "jsonl" and end >= 0:
+            with store.open(key, max(start - 1, 0)) as raw:
+                yield from _jsonl(raw, where, cfg, start, end)
             return
         with store.open(key) as raw:
             stream = _decompressed(raw, compression)

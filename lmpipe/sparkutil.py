@@ -42,7 +42,7 @@ def session(master: str | None, app_name: str, conf: dict[str, str] | None = Non
 
 
 @contextlib.contextmanager
-def progress(spark, label: str, every_s: float = 5.0) -> Iterator[None]:
+def progress(spark, label: str, every_s: float = float(os.environ.get("LMPIPE_PROGRESS_S", 5))) -> Iterator[None]:
     """Print one line per interval with the active stages' task counts."""
     tracker = spark.sparkContext.statusTracker()
     stop = threading.Event()

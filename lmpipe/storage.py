@@ -95,7 +95,7 @@ class Store:
     def put_file(self, key: str, local_path: str | Path) -> None: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
-    def open(self, key: str) -> BinaryIO: ...
+    def open(self, key: str, start: int = 0) -> BinaryIO: ...
     def list(self, prefix: str = "") -> list[ObjectInfo]: ...
     def exists(self, key: str) -> bool: ...
     def delete_prefix(self, prefix: str) -> int: ...
@@ -170,11 +170,14 @@ class LocalStore(Store):
                 os.unlink(tmp)
             raise
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str, start: int = 0) -> BinaryIO:
         try:
-            return open(self.path(key), "rb")
+            f = open(self.path(key), "rb")
         except (FileNotFoundError, IsADirectoryError):
             raise StorageError(f"no object {self.url(key)}") from None
+        if start:
+            f.seek(start)
+        return f
 
     def get_bytes(self, key: str) -> bytes:
         with self.open(key) as f:
@@ -294,9 +297,10 @@ class S3Store(Store):
         with self._errors("upload", key):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ChecksumAlgorithm="SHA256")
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str, start: int = 0) -> BinaryIO:
+        extra = {"Range": f"bytes={start}-"} if start else {}
         with self._errors("download", key):
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)["Body"]
 
     def get_bytes(self, key: str) -> bytes:
         with self._errors("download", key):

@@ -17,10 +17,10 @@ The plan, in one Spark action:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime as dt
 import hashlib
 import json
-import math
 import sys
 import time
 import uuid
@@ -48,9 +48,9 @@ class TokenizeConfig:
     validation_fraction: float = 0.02
     spark_master: str = "local[*]"
     spark_conf: dict[str, str] = field(default_factory=dict)
-    # Input MB per shuffle partition. The partition count follows from the data, never
-    # from the cluster size, so shard names are the same on any cluster.
-    partition_mb: int = 16
+    # Input MB per read task. Tasks follow from the data, never from the cluster size,
+    # so shard names and contents are the same on any cluster.
+    partition_mb: int = 8
     shard_sequences: int = 8192
     compression: Literal["zstd", "snappy", "none"] = "zstd"
     dedup: bool = True
@@ -79,79 +79,97 @@ def check(cfg: TokenizeConfig) -> None:
 # ---------------------------------------------------------------- executors
 
 
-def _read_docs(corpus_uri: str, storage: StorageConfig, reader: CorpusConfig, val_fraction: float):
-    """mapInArrow: corpus file keys -> documents (doc_id, text, hash, split, reason)."""
+def _records(store, segments, reader: CorpusConfig):
+    """Every record of one read task, in a fixed order (so stage 1's indexes match stage 2's)."""
+    for key, start, end in segments:
+        yield from corpus.read_file(store, key, reader, start, end)
+
+
+def _tasks(batches, plan):
+    """(task index, segments) for the ``spark.range`` ids in ``batches``; ``plan`` is broadcast."""
+    for batch in batches:
+        for task in batch.column("id").to_pylist():
+            yield task, plan.value[task]
+
+
+def _hash_docs(corpus_uri: str, storage: StorageConfig, reader: CorpusConfig, plan):
+    """mapInArrow, stage 1: read tasks -> (content hash, task, record index) of every usable document."""
     import pyarrow as pa
 
     def fn(batches):
         store = open_store(corpus_uri, storage)
-        for batch in batches:
-            for key in batch.column("key").to_pylist():
-                rows = {"doc_id": [], "text": [], "hash": [], "split": [], "reason": []}
-                for rec in corpus.read_file(store, key, reader):
-                    rows["doc_id"].append(rec.doc_id)
-                    rows["text"].append(rec.text)
-                    rows["hash"].append(corpus.text_hash(rec.text) if rec.text is not None else None)
-                    rows["split"].append(corpus.split_of(rec.doc_id, val_fraction) if rec.text is not None else None)
-                    rows["reason"].append(rec.reason)
-                    if len(rows["doc_id"]) >= DOC_BATCH:
-                        yield pa.RecordBatch.from_pydict(rows, schema=DOC_SCHEMA)
-                        rows = {k: [] for k in rows}
-                if rows["doc_id"]:
-                    yield pa.RecordBatch.from_pydict(rows, schema=DOC_SCHEMA)
+        for task, segments in _tasks(batches, plan):
+            hashes, idxs = [], []
+            for i, rec in enumerate(_records(store, segments, reader)):
+                if rec.text is not None:
+                    hashes.append(corpus.text_hash(rec.text))
+                    idxs.append(i)
+            yield pa.RecordBatch.from_pydict({"hash": hashes, "task": [task] * len(idxs), "idx": idxs}, schema=HASH_SCHEMA)
 
     return fn
 
 
-def _pack(cfg: TokenizeConfig, tokenizer_json: str, eos_id: int, vocab_size: int):
-    """mapInArrow: sorted documents -> shards written to storage, one row per shard + a stats row."""
+def _pack(cfg: TokenizeConfig, corpus_uri: str, tokenizer_json: str, eos_id: int, vocab_size: int, plan, drop):
+    """mapInArrow, stage 2: read tasks -> tokenized, packed shards written to storage by the task
+    itself; returns one row per shard plus one stats row. ``drop`` is a broadcast
+    {task: record indexes} of exact duplicates found in stage 1."""
     import numpy as np
     import pyarrow as pa
-    from pyspark import TaskContext
 
     from lmpipe.shards import Packer, token_dtype
     from lmpipe.tokenizer import from_json
 
     def fn(batches):
-        part = TaskContext.get().partitionId()
         tok = from_json(tokenizer_json, cfg.tokenizer.eos_token)
-        out = open_store(cfg.out, cfg.storage)
+        src, out = open_store(corpus_uri, cfg.storage), open_store(cfg.out, cfg.storage)
         dtype = token_dtype(vocab_size)
-        packers = {
-            s: Packer(s, part, cfg.seq_len, dtype, cfg.shard_sequences, lambda tmp, rel: out.put_file(rel, tmp), cfg.compression)
-            for s in manifest.SPLITS
-        }
-        seen: set[bytes] = set()
-        stats = Counter()
         eos = np.array([eos_id], dtype=np.uint32)
-        for batch in batches:
-            cols = batch.to_pydict()
-            stats["documents_read"] += len(cols["doc_id"])
+        for task, segments in _tasks(batches, plan):
+            dropped = set(drop.value.get(task, ())) if drop is not None else set()
+            packers = {
+                s: Packer(s, task, cfg.seq_len, dtype, cfg.shard_sequences, lambda tmp, rel: out.put_file(rel, tmp),
+                          cfg.compression)
+                for s in manifest.SPLITS
+            }
+            stats = Counter()
+            timer = Counter()
+
+            def encode(texts, splits):
+                t = time.perf_counter()
+                encoded = tok.encode_batch_fast(texts, add_special_tokens=False)
+                timer["encode"] += time.perf_counter() - t
+                for enc, split in zip(encoded, splits):
+                    packers[split].add(np.concatenate([np.asarray(enc.ids, dtype=np.uint32), eos]))
+
             texts, splits = [], []
-            for text, h, split, reason in zip(cols["text"], cols["hash"], cols["split"], cols["reason"]):
-                if reason is not None:
-                    stats["skipped." + reason] += 1
-                elif cfg.dedup and h in seen:
+            for i, rec in enumerate(_records(src, segments, cfg.reader)):
+                stats["documents_read"] += 1
+                if rec.reason is not None:
+                    stats["skipped." + rec.reason] += 1
+                elif i in dropped:
                     stats["duplicates_removed"] += 1
                 else:
-                    seen.add(h)
-                    texts.append(text)
-                    splits.append(split)
-            for enc, split in zip(tok.encode_batch_fast(texts, add_special_tokens=False), splits):
-                packers[split].add(np.concatenate([np.asarray(enc.ids, dtype=np.uint32), eos]))
-        rows = {k: [] for k in RESULT_SCHEMA.names}
-        for split, packer in packers.items():
-            for s in packer.close():
-                for k, v in (("kind", "shard"), ("split", split), ("path", s.path), ("sequences", s.sequences),
-                             ("tokens", s.tokens), ("bytes", s.bytes), ("sha256", s.sha256), ("stats", None)):
-                    rows[k].append(v)
-            stats[f"{split}.documents"] += packer.documents
-            stats[f"{split}.document_tokens"] += packer.document_tokens
-            stats[f"{split}.dropped_tokens"] += packer.dropped_tokens
-        for k, v in (("kind", "stats"), ("split", None), ("path", None), ("sequences", None), ("tokens", None),
-                     ("bytes", None), ("sha256", None), ("stats", json.dumps(dict(stats)))):
-            rows[k].append(v)
-        yield pa.RecordBatch.from_pydict(rows, schema=RESULT_SCHEMA)
+                    texts.append(rec.text)
+                    splits.append(corpus.split_of(rec.doc_id, cfg.validation_fraction))
+                    if len(texts) >= DOC_BATCH:
+                        encode(texts, splits)
+                        texts, splits = [], []
+            if texts:
+                encode(texts, splits)
+            rows = {k: [] for k in RESULT_SCHEMA.names}
+            for split, packer in packers.items():
+                for s in packer.close():
+                    for k, v in (("kind", "shard"), ("split", split), ("path", s.path), ("sequences", s.sequences),
+                                 ("tokens", s.tokens), ("bytes", s.bytes), ("sha256", s.sha256), ("stats", None)):
+                        rows[k].append(v)
+                stats[f"{split}.documents"] += packer.documents
+                stats[f"{split}.document_tokens"] += packer.document_tokens
+                stats[f"{split}.dropped_tokens"] += packer.dropped_tokens
+            stats["seconds.encode"] = round(timer["encode"], 3)
+            for k, v in (("kind", "stats"), ("split", None), ("path", None), ("sequences", None), ("tokens", None),
+                         ("bytes", None), ("sha256", None), ("stats", json.dumps(dict(stats)))):
+                rows[k].append(v)
+            yield pa.RecordBatch.from_pydict(rows, schema=RESULT_SCHEMA)
 
     return fn
 
@@ -159,15 +177,14 @@ def _pack(cfg: TokenizeConfig, tokenizer_json: str, eos_id: int, vocab_size: int
 def _schemas():
     import pyarrow as pa
 
-    doc = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("hash", pa.binary()),
-                     ("split", pa.string()), ("reason", pa.string())])
+    hashes = pa.schema([("hash", pa.binary()), ("task", pa.int32()), ("idx", pa.int64())])
     res = pa.schema([("kind", pa.string()), ("split", pa.string()), ("path", pa.string()), ("sequences", pa.int64()),
                      ("tokens", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string()), ("stats", pa.string())])
-    return doc, res
+    return hashes, res
 
 
-DOC_SCHEMA, RESULT_SCHEMA = _schemas()
-DOC_DDL = "doc_id string, text string, hash binary, split string, reason string"
+HASH_SCHEMA, RESULT_SCHEMA = _schemas()
+HASH_DDL = "hash binary, task int, idx long"
 RESULT_DDL = "kind string, split string, path string, sequences long, tokens long, bytes long, sha256 string, stats string"
 
 
@@ -245,24 +262,29 @@ def run(cfg: TokenizeConfig) -> dict:
     log(f"corpus {cfg.corpus}: {len(files)} files, {total_bytes / 1e6:.1f} MB")
     out = _prepare_out(cfg)
 
+    # The JVM and Python workers take ~10 s to start: overlap that with tokenizer training.
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    spark_future = pool.submit(_start_spark, cfg, run_id)
     tok = _tokenizer(cfg, cstore, files)
     tok_json = tok.to_str()
     eos_id, vocab_size = tok.token_to_id(cfg.tokenizer.eos_token), tok.get_vocab_size()
     out.put_bytes("tokenizer.json", tok_json.encode())
 
-    partitions = max(1, math.ceil(total_bytes / (cfg.partition_mb * 1024 * 1024)))
-    spark = sparkutil.session(cfg.spark_master, f"lmpipe-tokenize-{run_id}", {
-        "spark.sql.shuffle.partitions": str(partitions), **cfg.spark_conf})
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(DOC_BATCH))
-    log(f"spark {spark.version} master {spark.sparkContext.master}: {partitions} partitions, seq_len {cfg.seq_len}")
-    keys = spark.createDataFrame([(o.key,) for o in files], "key string")
-    keys = keys.repartition(min(len(files), max(partitions, spark.sparkContext.defaultParallelism)))
-    docs = keys.mapInArrow(_read_docs(cstore.uri, cfg.storage, cfg.reader, cfg.validation_fraction), DOC_DDL)
-    packed = docs.repartition(partitions, "hash").sortWithinPartitions("doc_id", "hash")
-    result = packed.mapInArrow(_pack(cfg, tok_json, eos_id, vocab_size), RESULT_DDL)
+    tasks = corpus.plan_tasks(files, cfg.partition_mb * 1024 * 1024)
+    spark = spark_future.result()
+    pool.shutdown()
+    sc = spark.sparkContext
+    log(f"spark {spark.version} master {sc.master}: {len(tasks)} read tasks, seq_len {cfg.seq_len}")
+    # One read task per partition; shard names follow the task index, never the cluster size.
+    task_df = spark.range(0, len(tasks), numPartitions=len(tasks))
+    plan = sc.broadcast(tasks)
     try:
+        drop = None
+        if cfg.dedup:
+            with sparkutil.progress(spark, "dedup (hashing documents)"):
+                drop = sc.broadcast(_duplicates(task_df.mapInArrow(_hash_docs(cstore.uri, cfg.storage, cfg.reader, plan), HASH_DDL)))
         with sparkutil.progress(spark, "tokenize"):
-            rows = result.collect()
+            rows = task_df.mapInArrow(_pack(cfg, cstore.uri, tok_json, eos_id, vocab_size, plan, drop), RESULT_DDL).collect()
     except Exception as exc:
         for marker, kind in (("CorpusError", CorpusError), ("StorageError", StorageError), ("LmpipeError", LmpipeError)):
             if msg := sparkutil.task_error_message(exc, marker):
@@ -274,6 +296,7 @@ def run(cfg: TokenizeConfig) -> dict:
     for r in rows:
         if r["kind"] == "stats":
             stats.update(json.loads(r["stats"]))
+    log("task seconds (summed over tasks): " + ", ".join(f"{k[8:]} {v:.1f}" for k, v in sorted(stats.items()) if k.startswith("seconds.")))
     used = stats["train.documents"] + stats["validation.documents"]
     if used == 0:
         raise CorpusError(f"corpus {cfg.corpus} has zero usable documents: skipped {_skipped(stats) or 'none'}")
@@ -315,13 +338,34 @@ def run(cfg: TokenizeConfig) -> dict:
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "run_id": run_id,
         "elapsed_s": round(elapsed, 2),
-        "spark": {"version": spark.version, "master": spark.sparkContext.master, "partitions": partitions},
+        "spark": {"version": spark.version, "master": sc.master, "tasks": len(tasks)},
         "config": resolved,
     }
     out.put_bytes("tokenize_config.json", cfglib.dump(replace(cfg, run_id=run_id)).encode())
     url = manifest.write(out, m)  # last: this publishes the shard set
     log(summary(m, url))
     return m
+
+
+def _start_spark(cfg: TokenizeConfig, run_id: str):
+    from lmpipe import sparkutil
+
+    spark = sparkutil.session(cfg.spark_master, f"lmpipe-tokenize-{run_id}", cfg.spark_conf)
+    spark.conf.set("spark.sql.shuffle.partitions", str(max(2, spark.sparkContext.defaultParallelism)))
+    spark.range(0, 2, numPartitions=2).mapInArrow(lambda it: it, "id long").collect()  # start Python workers
+    return spark
+
+
+def _duplicates(hashes) -> dict[int, list[int]]:
+    """{task: record indexes} of every exact duplicate but the first (by task, then index)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    rank = F.row_number().over(Window.partitionBy("hash").orderBy("task", "idx"))
+    drop: dict[int, list[int]] = {}
+    for row in hashes.withColumn("rank", rank).filter("rank > 1").select("task", "idx").collect():
+        drop.setdefault(row["task"], []).append(row["idx"])
+    return drop
 
 
 def _skipped(stats: Counter) -> dict[str, int]:
