@@ -75,7 +75,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
 
 def _describe(err: dict[str, Any]) -> str:
     key = ".".join(str(x) for x in err["loc"]) or "<root>"
-    if err["type"] == "extra_forbidden":
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         return f"unknown config key {key!r}"
     return f"config key {key!r}: {err['msg']} (got {err.get('input')!r})"
 

@@ -181,7 +181,7 @@ def _parquet(path: str, key: str, cfg: CorpusConfig) -> Iterator[Record]:
     pf = pq.ParquetFile(path)
     names = pf.schema_arrow.names
     if cfg.text_field not in names:
-        raise CorpusError(f"corpus file {key} has no column {cfg.text_field!r} (columns: {names})")
+        raise CorpusError(f"corpus file {path if key in path else key} has no column {cfg.text_field!r} (columns: {names})")
     cols = [cfg.text_field] + ([cfg.id_field] if cfg.id_field in names else [])
     row = 0
     for batch in pf.iter_batches(columns=cols, batch_size=4096):
@@ -226,28 +226,29 @@ def plan_tasks(files: list[ObjectInfo], task_bytes: int) -> list[list[tuple[str,
 
 def read_file(store: Store, key: str, cfg: CorpusConfig, start: int = 0, end: int = -1) -> Iterator[Record]:
     """Every record of one corpus file (or of the byte range [start, end) of an uncompressed
-    JSONL file). A file that cannot be read at all raises CorpusError."""
+    JSONL file). A file that cannot be read at all raises CorpusError. Fallback document ids
+    use the key relative to the corpus root, so they do not depend on where it is mounted."""
     fmt, compression = file_format(key)
     where = store.url(key)
     try:
         if fmt == "parquet":
             local = getattr(store, "root", None)
             if local is not None and compression is None:
-                yield from _parquet(str(store.path(key)), where, cfg)
+                yield from _parquet(str(store.path(key)), key, cfg)
                 return
             with tempfile.NamedTemporaryFile(suffix=".parquet") as tmp:
                 with store.open(key) as src:
                     shutil.copyfileobj(_decompressed(src, compression), tmp, 4 << 20)
                 tmp.flush()
-                yield from _parquet(tmp.name, where, cfg)
+                yield from _parquet(tmp.name, key, cfg)
             return
         if fmt == "jsonl" and end >= 0:
             with store.open(key, max(start - 1, 0)) as raw:
-                yield from _jsonl(raw, where, cfg, start, end)
+                yield from _jsonl(raw, key, cfg, start, end)
             return
         with store.open(key) as raw:
             stream = _decompressed(raw, compression)
-            yield from (_jsonl if fmt == "jsonl" else _text)(stream, where, cfg)
+            yield from (_jsonl if fmt == "jsonl" else _text)(stream, key, cfg)
     except CorpusError:
         raise
     except (OSError, EOFError, zlib.error, ValueError) as exc:

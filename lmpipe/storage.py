@@ -253,7 +253,7 @@ class S3Store(Store):
         return s3_client(self.cfg)
 
     def _key(self, key: str) -> str:
-        key = check_key(key) if key else ""
+        key = check_key(key)
         return f"{self.prefix}/{key}".strip("/") if self.prefix else key
 
     @contextlib.contextmanager
@@ -342,7 +342,7 @@ class S3Store(Store):
         objs = self.list(prefix)
         with self._errors("delete", prefix):
             for i in range(0, len(objs), 1000):
-                batch = [{"Key": self._key(o.key)} for o in objs[i : i + 1000]]
+                batch = [{"Key": f"{self.prefix}/{o.key}" if self.prefix else o.key} for o in objs[i : i + 1000]]
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
         return len(objs)
 

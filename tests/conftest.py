@@ -1,0 +1,69 @@
+"""Shared fixtures: a real S3 endpoint on loopback (moto's server) and small corpora."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("LMPIPE_PROGRESS_S", "30")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 (random port) with fake credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_endpoint, request):
+    """A fresh bucket on the moto server; returns its name."""
+    import boto3
+
+    import re
+    import uuid
+
+    name = f"lmpipe-{uuid.uuid4().hex[:8]}-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def storage_cfg(s3_endpoint):
+    from lmpipe.storage import StorageConfig
+
+    return StorageConfig(endpoint_url=s3_endpoint, multipart_threshold_mb=5, multipart_chunk_mb=5)
+
+
+def write_jsonl(path: Path, docs: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write((d if isinstance(d, str) else json.dumps(d)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_corpus_dir(tmp_path_factory) -> Path:
+    """~2.5 MB of real text (Python's docs and stdlib) in one JSONL file."""
+    from lmpipe import demo_corpus
+
+    out = tmp_path_factory.mktemp("demo") / "corpus"
+    demo_corpus.write(str(out), 2.5)
+    return out
