@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -134,13 +133,27 @@ def _finish(doc_id: str, text, cfg: CorpusConfig) -> Iterator[Record]:
             yield Record(f"{doc_id}#{i // cfg.max_doc_chars}", text[i : i + cfg.max_doc_chars])
 
 
+def _lines(stream, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Lines (with their b"\\n") from any stream with ``read(n)``: files, gzip, zstd, S3 bodies."""
+    buf = b""
+    while block := stream.read(chunk):
+        buf += block
+        if b"\n" not in block:
+            continue
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            yield line + b"\n"
+    if buf:
+        yield buf
+
+
 def _jsonl(stream, key: str, cfg: CorpusConfig, start: int = 0, end: int | None = None) -> Iterator[Record]:
     """Records whose line starts in [start, end). ``stream`` is positioned at ``max(start - 1, 0)``:
     a split that does not begin the file skips the line that began in the previous split."""
-    reader = io.BufferedReader(stream, 1 << 20)
+    reader = _lines(stream)
     pos = 0
     if start > 0:
-        pos = start - 1 + len(reader.readline())
+        pos = start - 1 + len(next(reader, b""))
     for raw in reader:
         if end is not None and pos >= end:
             break

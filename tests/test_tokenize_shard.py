@@ -1,0 +1,181 @@
+"""The Spark job end to end on local[2], writing to a folder and to a moto S3 server."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_jsonl
+from lmpipe import config, corpus, manifest
+from lmpipe.errors import CorpusError, LmpipeError, ManifestError
+from lmpipe.shards import read_shard
+from lmpipe.storage import open_store
+from lmpipe.tokenizer import from_json
+from spark_jobs import tokenize_shard
+from spark_jobs.tokenize_shard import TokenizeConfig
+
+pytestmark = pytest.mark.slow
+
+BASE = {"seq_len": 64, "spark_master": "local[2]", "shard_sequences": 40, "validation_fraction": 0.1,
+        "tokenizer": {"vocab_size": 400, "train_sample_mb": 1}}
+
+
+def run(corpus_uri, out, storage=None, **kw):
+    data = {**BASE, "corpus": str(corpus_uri), "out": str(out), **kw}
+    if storage is not None:
+        data["storage"] = config.to_dict(storage)
+    return tokenize_shard.run(config.build(TokenizeConfig, data))
+
+
+def shard_stream(store, m, split):
+    """{task: token stream} from the shards of ``split``, in manifest order."""
+    streams = {}
+    for s in m["splits"][split]["shards"]:
+        task = int(s["path"].split("-")[1])
+        with store.open(s["path"]) as f:
+            seqs = read_shard(f)
+        assert seqs.shape == (s["sequences"], m["seq_len"] + 1)
+        streams.setdefault(task, []).append(seqs.reshape(-1))
+    return {t: np.concatenate(v) for t, v in streams.items()}
+
+
+def test_round_trip_both_splits(tmp_path, demo_corpus_dir):
+    out = tmp_path / "shards"
+    m = run(demo_corpus_dir, out, partition_mb=1)
+    store = open_store(out)
+    tok = from_json(store.get_bytes("tokenizer.json").decode())
+    eos = m["tokenizer"]["eos_id"]
+    assert m["tokenizer"]["sha256"] == store.sha256("tokenizer.json")
+    # Rebuild each read task's document stream independently of Spark.
+    cstore, files, _ = corpus.resolve(str(demo_corpus_dir))
+    tasks = corpus.plan_tasks(files, 1024 * 1024)
+    assert len(tasks) >= 2
+    seen, expected = set(), {"train": {}, "validation": {}}
+    for t, segments in enumerate(tasks):
+        for key, s, e in segments:
+            for rec in corpus.read_file(cstore, key, corpus.CorpusConfig(), s, e):
+                h = corpus.text_hash(rec.text)
+                if h in seen:
+                    continue
+                seen.add(h)
+                ids = tok.encode(rec.text, add_special_tokens=False).ids + [eos]
+                expected[corpus.split_of(rec.doc_id, 0.1)].setdefault(t, []).append((rec.text, ids))
+    for split in ("train", "validation"):
+        got = shard_stream(store, m, split)
+        assert got, f"no {split} shards"
+        for t, docs in expected[split].items():
+            stream = np.concatenate([np.array(ids) for _, ids in docs])
+            n = len(got.get(t, []))
+            assert len(stream) - n < m["seq_len"] + 1  # only the tail that fills no sequence is dropped
+            assert np.array_equal(got.get(t, np.array([], dtype=int)), stream[:n])
+            # and decoding the complete documents gives back their exact text
+            pos = 0
+            for text, ids in docs:
+                if pos + len(ids) > n:
+                    break
+                assert tok.decode(got[t][pos : pos + len(ids) - 1].tolist(), skip_special_tokens=False) == text
+                assert got[t][pos + len(ids) - 1] == eos
+                pos += len(ids)
+        assert m["splits"][split]["tokens"] == sum(len(v) for v in got.values())
+    assert json.loads((out / "tokenize_config.json").read_text())["seq_len"] == 64
+    assert m["dtype"] == "uint16"
+
+
+def test_rerun_is_idempotent_and_s3_matches_local(tmp_path, demo_corpus_dir, bucket, storage_cfg):
+    a = run(demo_corpus_dir, tmp_path / "a")
+    b = run(demo_corpus_dir, tmp_path / "b")
+    # the same corpus from S3, written to S3
+    src = open_store(f"s3://{bucket}/corpus", storage_cfg)
+    for f in Path(demo_corpus_dir).iterdir():
+        src.put_file(f.name, f)
+    c = run(f"s3://{bucket}/corpus", f"s3://{bucket}/shards", storage_cfg)
+
+    def shards(m):
+        return [(s["path"], s["sha256"], s["sequences"]) for sp in ("train", "validation") for s in m["splits"][sp]["shards"]]
+
+    assert shards(a) == shards(b) == shards(c)
+    assert a["tokenizer"] == b["tokenizer"] == c["tokenizer"]
+    s3 = open_store(f"s3://{bucket}/shards", storage_cfg)
+    assert manifest.read(s3)["splits"] == c["splits"]
+    assert all(s3.sha256(p) == sha for p, sha, _ in shards(c))
+
+
+def test_bad_records_are_counted_in_the_manifest(tmp_path):
+    good = [{"id": f"g{i}", "text": f"good document {i} " * 30} for i in range(40)]
+    p = write_jsonl(tmp_path / "c" / "mixed.jsonl", good + [good[0], good[1]])  # two exact duplicates
+    with open(p, "ab") as f:
+        f.write(b'{"id": "u", "text": "\xff bad"}\n{oops\n{"id": "n", "text": null}\n{"id": "e", "text": ""}\n')
+    m = run(tmp_path / "c", tmp_path / "out", **{"tokenizer": {"vocab_size": 300}, "seq_len": 16})
+    assert m["input"]["skipped"] == {"invalid_utf8": 1, "unparseable_json": 1, "null_text": 1, "empty_text": 1}
+    assert m["input"]["duplicates_removed"] == 2
+    assert (m["input"]["documents_read"], m["input"]["documents_used"]) == (46, 40)
+
+
+def test_missing_or_unusable_corpus_is_an_error_and_writes_no_manifest(tmp_path):
+    with pytest.raises(CorpusError, match="does not exist"):
+        run(tmp_path / "nope", tmp_path / "o1")
+    write_jsonl(tmp_path / "junk" / "j.jsonl", ['{"text": ""}', "{broken", '{"id": 1}'])
+    with pytest.raises(CorpusError, match="zero usable documents"):
+        run(tmp_path / "junk", tmp_path / "o2")
+    assert not (tmp_path / "o1" / "manifest.json").exists() and not (tmp_path / "o2" / "manifest.json").exists()
+
+
+def test_crash_midway_leaves_no_manifest(tmp_path):
+    """A corrupt gzip file fails a Spark task after other tasks wrote shards: no manifest, clear error."""
+    good = [{"id": f"g{i}", "text": f"good document {i} " * 30} for i in range(60)]
+    write_jsonl(tmp_path / "c" / "a.jsonl", good)
+    data = gzip.compress("".join(json.dumps(d) + "\n" for d in good).encode())
+    (tmp_path / "c" / "b.jsonl.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorpusError, match=r"b\.jsonl\.gz cannot be read"):
+        run(tmp_path / "c", tmp_path / "out", **{"tokenizer": {"vocab_size": 300, "path": None}, "dedup": False,
+                                                  "partition_mb": 1})
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    with pytest.raises(ManifestError, match="no manifest.json"):
+        manifest.read(open_store(tmp_path / "out"))
+
+
+def test_published_shard_set_is_not_overwritten_without_the_flag(tmp_path, demo_corpus_dir):
+    m = run(demo_corpus_dir, tmp_path / "s")
+    before = (tmp_path / "s" / "manifest.json").read_bytes()
+    with pytest.raises(LmpipeError, match="already exists.*overwrite=true"):
+        run(demo_corpus_dir, tmp_path / "s", seq_len=32)
+    assert (tmp_path / "s" / "manifest.json").read_bytes() == before
+    m2 = run(demo_corpus_dir, tmp_path / "s", seq_len=32, overwrite=True)
+    assert m2["seq_len"] == 32 and m["seq_len"] == 64
+    listed = {s["path"] for sp in ("train", "validation") for s in m2["splits"][sp]["shards"]}
+    on_disk = {p.relative_to(tmp_path / "s").as_posix() for p in (tmp_path / "s").rglob("*.parquet")}
+    assert listed == on_disk  # no stale shards of the replaced run
+
+
+def test_existing_tokenizer_is_used_and_identified_by_sha(tmp_path, demo_corpus_dir):
+    first = run(demo_corpus_dir, tmp_path / "a")
+    m = run(demo_corpus_dir, tmp_path / "b", tokenizer={"path": str(tmp_path / "a" / "tokenizer.json")})
+    assert m["tokenizer"]["sha256"] == first["tokenizer"]["sha256"]
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(LmpipeError, match="not a valid tokenizer.json"):
+        run(demo_corpus_dir, tmp_path / "c", tokenizer={"path": str(tmp_path / "bad.json")})
+
+
+def test_cli_config_errors_exit_non_zero_naming_the_key(tmp_path):
+    lmpipe = [sys.executable, "-m", "lmpipe.cli", "tokenize", "--corpus", str(tmp_path), "--out", str(tmp_path / "o")]
+    r = subprocess.run([*lmpipe, "seq_lenn=3"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown config key 'seq_lenn'" in r.stderr
+    r = subprocess.run([*lmpipe, "tokenizer.vocab_size=big"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "'tokenizer.vocab_size'" in r.stderr
+    r = subprocess.run([*lmpipe[:4], "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "'corpus' is required" in r.stderr
+
+
+def test_cli_runs_and_prints_a_summary(tmp_path, demo_corpus_dir, capsys):
+    from lmpipe import cli
+
+    code = cli.main(["tokenize", "--corpus", str(demo_corpus_dir), "--out", str(tmp_path / "o"), "--seq-len", "64",
+                     "--vocab-size", "400", "--spark-master", "local[2]"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.out.strip() == str(tmp_path / "o")
+    assert "Tokenized" in captured.err and "tokens/s" in captured.err and "Manifest:" in captured.err
