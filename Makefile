@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, alone: the CPU build (see shared/TRAPS.md); any other spec pulls GBs of CUDA wheels.
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# The Airflow Spark provider declares pyspark-client, which overwrites classic pyspark's
+	# files and breaks mapInArrow (shared/TRAPS.md): install it without that dependency.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt \
+		apache-airflow-providers-apache-spark grpcio-status
 	@touch $@
 
 demo: venv
