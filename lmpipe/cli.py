@@ -25,6 +25,14 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_data(args: argparse.Namespace) -> int:
+    from lmpipe import check_data
+
+    result = check_data.run(check_data.config_from_args(args))
+    print(result["data_docs"])
+    return 0 if result["success"] else check_data.EXIT_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmpipe", description="Raw text to a served language model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenize", help="Spark job: tokenize a corpus and pack it into shards")
     tokenize_shard.add_arguments(p)
     p.set_defaults(func=_tokenize)
+
+    from lmpipe import check_data
+
+    p = sub.add_parser("check-data", help="Great Expectations gate on a corpus or a shard set")
+    check_data.add_arguments(p)
+    p.set_defaults(func=_check_data)
     return parser
 
 

@@ -95,9 +95,8 @@ def _is_missing_local(store: Store) -> bool:
 def _pick(objs: list[ObjectInfo]) -> tuple[list[ObjectInfo], list[str]]:
     files, ignored = [], []
     for o in objs:
-        base = o.key.rsplit("/", 1)[-1]
-        if base.startswith((".", "_")):  # _SUCCESS, .crc and friends
-            continue
+        if any(part.startswith((".", "_")) for part in o.key.split("/")):
+            continue  # _SUCCESS, .crc, _checks/ results and friends
         (files if file_format(o.key)[0] else ignored).append(o)
     return files, [o.key for o in ignored]
 

@@ -75,6 +75,7 @@ class Packer:
         shard_sequences: int,
         publish: Callable[[str, str], None],
         compression: str = "zstd",
+        eos_id: int | None = None,
     ):
         self.split, self.part, self.width = split, part, seq_len + 1
         self.dtype, self.shard_sequences = dtype, shard_sequences
@@ -85,6 +86,8 @@ class Packer:
         self.documents = 0
         self.document_tokens = 0
         self.dropped_tokens = 0
+        self.dropped_documents = 0  # documents whose EOS fell in the dropped tail
+        self.eos_id = eos_id
 
     def add(self, ids: np.ndarray) -> None:
         self.pending.append(ids.astype(self.dtype, copy=False))
@@ -107,6 +110,8 @@ class Packer:
         if n := self.pending_tokens // self.width:
             self._emit(n)
         self.dropped_tokens = self.pending_tokens
+        if self.pending and self.eos_id is not None:
+            self.dropped_documents = int(sum(np.count_nonzero(p == self.eos_id) for p in self.pending))
         self.pending, self.pending_tokens = [], 0
         return self.shards
 

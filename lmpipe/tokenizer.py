@@ -42,6 +42,7 @@ def train(texts: Iterable[str], cfg: TokenizerConfig):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    tok.encode_special_tokens = True
     return tok
 
 
@@ -54,6 +55,9 @@ def from_json(text: str, eos_token: str = EOS, where: str = "tokenizer"):
         raise LmpipeError(f"{where} is not a valid tokenizer.json: {exc}") from exc
     if tok.token_to_id(eos_token) is None:
         raise LmpipeError(f"{where} has no EOS token {eos_token!r}; set tokenizer.eos_token")
+    # A document that contains the text "<|endoftext|>" must not get a document boundary:
+    # special tokens in the input are encoded as plain text. Only the packer adds EOS.
+    tok.encode_special_tokens = True
     return tok
 
 

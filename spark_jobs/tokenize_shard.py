@@ -128,7 +128,7 @@ def _pack(cfg: TokenizeConfig, corpus_uri: str, tokenizer_json: str, eos_id: int
             dropped = set(drop.value.get(task, ())) if drop is not None else set()
             packers = {
                 s: Packer(s, task, cfg.seq_len, dtype, cfg.shard_sequences, lambda tmp, rel: out.put_file(rel, tmp),
-                          cfg.compression)
+                          cfg.compression, eos_id)
                 for s in manifest.SPLITS
             }
             stats = Counter()
@@ -165,6 +165,7 @@ def _pack(cfg: TokenizeConfig, corpus_uri: str, tokenizer_json: str, eos_id: int
                 stats[f"{split}.documents"] += packer.documents
                 stats[f"{split}.document_tokens"] += packer.document_tokens
                 stats[f"{split}.dropped_tokens"] += packer.dropped_tokens
+                stats[f"{split}.dropped_documents"] += packer.dropped_documents
             stats["seconds.encode"] = round(timer["encode"], 3)
             for k, v in (("kind", "stats"), ("split", None), ("path", None), ("sequences", None), ("tokens", None),
                          ("bytes", None), ("sha256", None), ("stats", json.dumps(dict(stats)))):
@@ -313,6 +314,7 @@ def run(cfg: TokenizeConfig) -> dict:
             "documents": stats[f"{split}.documents"],
             "document_tokens": stats[f"{split}.document_tokens"],
             "dropped_tokens": stats[f"{split}.dropped_tokens"],
+            "dropped_documents": stats[f"{split}.dropped_documents"],
             "shards": shards,
         }
         if not shards:
