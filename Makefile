@@ -11,9 +11,17 @@ DEMO   := $(LMPIPE_HOME)/demo
 DEMO_MB ?= 8
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench clean
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: venv system-deps demo test bench clean
 
 venv: $(STAMP)
+
+# Java runs Spark; Debian's chromium renders pages in the browser tests.
+system-deps:
+	@command -v java >/dev/null || { echo "error: Spark needs Java 17 on PATH (apt-get install openjdk-17-jre-headless)"; exit 1; }
+	@command -v chromium >/dev/null || { echo "installing Debian's chromium for the browser tests"; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,18 +36,25 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 demo: venv
+	@command -v java >/dev/null || { echo "error: Spark needs Java 17 on PATH"; exit 1; }
 	$(VENV)/bin/lmpipe demo-corpus --out $(DEMO)/corpus --max-mb $(DEMO_MB)
+	$(VENV)/bin/lmpipe check-data --corpus $(DEMO)/corpus --run-id demo
 	$(VENV)/bin/lmpipe tokenize --corpus $(DEMO)/corpus --out $(DEMO)/shards \
-		--vocab-size 4096 --seq-len 256 validation_fraction=0.05 overwrite=true
+		--vocab-size 4096 --seq-len 256 validation_fraction=0.05 partition_mb=2 overwrite=true
+	$(VENV)/bin/lmpipe check-data --shards $(DEMO)/shards --run-id demo
 	@echo
-	@echo "demo corpus:  $(DEMO)/corpus"
-	@echo "shards:       $(DEMO)/shards   (manifest: $(DEMO)/shards/manifest.json)"
+	@echo "demo corpus:         $(DEMO)/corpus"
+	@echo "corpus checks:       $(DEMO)/corpus/_checks/demo/data_docs/index.html"
+	@echo "shards and manifest: $(DEMO)/shards/manifest.json"
+	@echo "shard checks:        $(DEMO)/shards/_checks/demo/data_docs/index.html"
+	@echo "(open the data_docs pages in a browser; result.json beside them holds the same results)"
 
-test: venv
+test: venv system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: venv
 	$(PY) bench/tokenize.py
+	$(PY) bench/check_data.py
 
 clean:
 	rm -rf $(VENV) $(LMPIPE_HOME)

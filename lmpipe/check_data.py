@@ -83,6 +83,8 @@ def run(cfg: CheckConfig) -> dict:
     results_uri = cfg.results or default_results(target, run_id, is_file)
     local = results_uri if not is_s3(results_uri) else tempfile.mkdtemp(prefix="lmpipe-checks-")
     local_dir = Path(LocalStore(local).root)
+    if local_dir.exists() and not is_s3(results_uri):
+        shutil.rmtree(local_dir)  # re-running a run id replaces its results (safe to clear and retry)
     local_dir.mkdir(parents=True, exist_ok=True)
     outcome = suites.run(kind, tables, exps, local_dir, run_id)
     result = {
@@ -96,6 +98,7 @@ def run(cfg: CheckConfig) -> dict:
     (local_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
     if is_s3(results_uri):
         out = open_store(results_uri, cfg.storage)
+        out.delete_prefix("")
         for p in sorted(local_dir.rglob("*")):
             if p.is_file():
                 out.put_file(p.relative_to(local_dir).as_posix(), p)

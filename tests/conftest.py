@@ -65,3 +65,17 @@ def demo_corpus_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "corpus"
     demo_corpus.write(str(out), 2.5)
     return out
+
+
+@pytest.fixture(scope="session")
+def real_shards(tmp_path_factory, demo_corpus_dir) -> Path:
+    """Real shards from the Spark job on the demo corpus (never modify: copy first)."""
+    from lmpipe import config
+    from spark_jobs import tokenize_shard
+
+    out = tmp_path_factory.mktemp("real") / "shards"
+    tokenize_shard.run(config.build(tokenize_shard.TokenizeConfig, {
+        "corpus": str(demo_corpus_dir), "out": str(out), "seq_len": 64, "spark_master": "local[2]",
+        "shard_sequences": 500, "validation_fraction": 0.1, "partition_mb": 1,
+        "tokenizer": {"vocab_size": 400, "train_sample_mb": 1}}))
+    return out

@@ -19,16 +19,6 @@ from spark_jobs import tokenize_shard
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def real_shards(tmp_path_factory, demo_corpus_dir) -> Path:
-    out = tmp_path_factory.mktemp("real") / "shards"
-    tokenize_shard.run(config.build(tokenize_shard.TokenizeConfig, {
-        "corpus": str(demo_corpus_dir), "out": str(out), "seq_len": 64, "spark_master": "local[2]",
-        "shard_sequences": 500, "validation_fraction": 0.1, "partition_mb": 1,
-        "tokenizer": {"vocab_size": 400, "train_sample_mb": 1}}))
-    return out
-
-
 @pytest.fixture
 def shards(real_shards, tmp_path) -> Path:
     dst = tmp_path / "shards"

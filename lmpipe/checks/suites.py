@@ -154,6 +154,9 @@ def run(kind: str, tables: dict[str, pd.DataFrame], expectations: dict[str, list
             if not item["success"]:
                 failed.append(item)
     context.build_data_docs(site_names=["lmpipe"])
+    from lmpipe.checks.offline_docs import localize
+
+    localize(docs)
     return Outcome(not failed, failed, summary, docs / "index.html")
 
 

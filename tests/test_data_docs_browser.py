@@ -1,0 +1,43 @@
+"""The Data Docs a user opens render in a real browser, offline, and show what failed."""
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from browser import dom, screenshot
+from lmpipe import check_data, config
+
+pytestmark = pytest.mark.slow
+
+
+def test_failed_expectations_are_visible_in_chromium(real_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(real_shards, shards, ignore=shutil.ignore_patterns("_checks"))
+    rel = sorted((shards / "train").glob("*.parquet"))[0]
+    data = bytearray(rel.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    rel.write_bytes(bytes(data))
+    result = check_data.run(config.build(check_data.CheckConfig, {"shards": str(shards)}))
+    assert not result["success"]
+    page = next((shards / "_checks").glob("*/data_docs/validations/lmpipe_shards_shards/**/*.html"))
+    html = page.read_text()
+    assert not re.search(r'(src|href)="https?://(?!greatexpectations\.io/newsletter)', html), "page loads from the network"
+
+    rendered = dom(page.as_uri())
+    assert "Status:" in rendered and "Failed" in rendered
+    assert f"train/{rel.name}" in rendered  # the offending shard is named on the page
+    assert "Every shard's sha256 matches the manifest" in rendered
+
+    png = screenshot(page.as_uri(), "data_docs_failed_shard.png", size=(1400, 5000))
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    # Bootstrap's text-danger red (#dc3545) marks failures: present only if the vendored CSS loaded.
+    red = (abs(pixels[..., 0] - 220) < 25) & (abs(pixels[..., 1] - 53) < 30) & (abs(pixels[..., 2] - 69) < 30)
+    green = (abs(pixels[..., 0] - 40) < 25) & (abs(pixels[..., 1] - 167) < 30) & (abs(pixels[..., 2] - 69) < 30)
+    assert red.sum() > 200, "no failure marks visible"
+    assert green.sum() > 50, "no success marks visible"
+
+    index = dom((page.parents[4] / "index.html").as_uri())
+    assert "lmpipe_shards_shards" in index
