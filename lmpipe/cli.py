@@ -33,6 +33,12 @@ def _check_data(args: argparse.Namespace) -> int:
     return 0 if result["success"] else check_data.EXIT_FAILED
 
 
+def _train(args: argparse.Namespace) -> int:
+    from training import train
+
+    return train.run(train.config_from_args(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmpipe", description="Raw text to a served language model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-data", help="Great Expectations gate on a corpus or a shard set")
     check_data.add_arguments(p)
     p.set_defaults(func=_check_data)
+
+    from training import train
+
+    p = sub.add_parser("train", help="DeepSpeed ZeRO training from shards (resumes an existing run)")
+    train.add_arguments(p)
+    p.set_defaults(func=_train)
     return parser
 
 

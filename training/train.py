@@ -1,0 +1,175 @@
+"""``lmpipe train``: resolve the config, prepare the run folder, launch ranks with DeepSpeed.
+
+    lmpipe train --shards URI --out URI [--recipe tiny] [--zero-stage N] [--nproc N]
+                 [--hostfile F] [key=value ...]
+
+Ranks are started by the DeepSpeed launcher (``python -m deepspeed.launcher.runner``,
+the ``deepspeed`` command): ``--nproc`` per node, multi-node through a hostfile, NCCL on
+GPUs, DeepSpeed's CPU accelerator over gloo where there is no GPU. Running it again on
+the same ``--out`` resumes from the newest committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from lmpipe import config as cfglib
+from lmpipe import manifest
+from lmpipe.errors import ConfigError, LmpipeError
+from lmpipe.log import log, warn
+from lmpipe.storage import is_s3, open_store
+from training import checkpoint as ckpt
+from training import ds_config, recipes, sync
+from training.config import RESUMABLE_CHANGES, TrainConfig
+
+RUN_OUTPUTS = ("checkpoints", "export", "export.tmp", "metrics.jsonl", "batches.jsonl")
+
+
+def resolve_model(cfg: TrainConfig) -> dict:
+    if cfg.recipe not in recipes.RECIPES:
+        raise ConfigError(f"config key 'recipe': unknown recipe {cfg.recipe!r} (known: {', '.join(recipes.RECIPES)})")
+    base = dataclasses.asdict(recipes.RECIPES[cfg.recipe]())
+    try:
+        return dataclasses.asdict(cfglib.build(recipes.ModelConfig, {**base, **cfg.model}))
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("config key '", "config key 'model.")) from None
+
+
+def run_dir(cfg: TrainConfig) -> Path:
+    if not is_s3(cfg.out):
+        return Path(open_store(cfg.out).root)
+    if cfg.work_dir:
+        return Path(cfg.work_dir)
+    home = Path(os.environ.get("LMPIPE_HOME", Path.home() / ".lmpipe"))
+    return home / "runs" / hashlib.sha256(cfg.out.encode()).hexdigest()[:16]
+
+
+def _check_resume(run: Path, cfg: TrainConfig) -> None:
+    """A run folder may only be continued with the same config (bar RESUMABLE_CHANGES)."""
+    old = json.loads((run / "train_config.json").read_text())
+    new = cfglib.to_dict(cfg)
+    diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    if diff:
+        raise LmpipeError(f"{run} holds a run with a different config ({', '.join(diff)}): "
+                          "resume with the same settings, or pass --fresh to start over")
+
+
+def prepare(cfg: TrainConfig) -> Path:
+    """Validate, decide fresh vs resume, and write the resolved config into the run folder."""
+    if not cfg.shards or not cfg.out:
+        raise ConfigError("config keys 'shards' and 'out' are required (--shards URI --out URI)")
+    model = resolve_model(cfg)
+    man = manifest.read(open_store(cfg.shards, cfg.storage))  # refuses a prefix without a manifest
+    world = cfg.launch.nproc * cfg.launch.num_nodes
+    b = ds_config.batch(cfg.micro_batch_size, cfg.grad_accum, world, cfg.global_batch_size)
+    prec = ds_config.precision(cfg.deepspeed.precision)
+    ds = ds_config.build(cfg, b, prec)
+    run = run_dir(cfg)
+    run.mkdir(parents=True, exist_ok=True)
+    sync.download_latest(run, cfg)
+    has_run = (run / "train_config.json").is_file()
+    if cfg.fresh:
+        for name in RUN_OUTPUTS:
+            target = run / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        if is_s3(cfg.out):
+            open_store(cfg.out, cfg.storage).delete_prefix("checkpoints")
+    elif any(run.iterdir()):
+        if not has_run:
+            raise LmpipeError(f"{cfg.out} is not empty and holds no lmpipe run: pass --fresh to train there")
+        _check_resume(run, cfg)
+        tags = ckpt.committed(run / "checkpoints")
+        if tags:
+            log(f"resuming {cfg.out} from checkpoint {tags[-1]}")
+        elif (run / "checkpoints").exists() or (run / "metrics.jsonl").exists():
+            warn(f"{cfg.out} has no committed checkpoint: starting from step 0")
+    (run / "train_config.json").write_text(cfglib.dump(cfg))
+    (run / "resolved.json").write_text(json.dumps({"recipe": cfg.recipe, "model": model, "world_size": world,
+                                                   "precision": prec, "shards_manifest": man["run_id"]}, indent=2))
+    (run / "ds_config.json").write_text(json.dumps(ds, indent=2))
+    n = recipes.param_count(cfglib.build(recipes.ModelConfig, model), man["tokenizer"]["vocab_size"])
+    log(f"{cfg.recipe}: {n:,} parameters; {b.micro} x {b.accum} accum x {world} ranks = {b.global_size} sequences "
+        f"x {man['seq_len']} = {b.global_size * man['seq_len']:,} tokens per step; {cfg.max_steps} steps")
+    log(ds_config.memory_table(n, world, prec))
+    return run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(cfg: TrainConfig, run: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.launch.nproc),
+           "--master_port", str(cfg.launch.master_port or _free_port())]
+    if cfg.launch.hostfile:
+        cmd += ["--hostfile", cfg.launch.hostfile, "--num_nodes", str(cfg.launch.num_nodes)]
+    return [*cmd, "--module", "training.rank", "--run-dir", str(run)]
+
+
+def run(cfg: TrainConfig) -> int:
+    import torch
+
+    run_path = prepare(cfg)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator, ranks over gloo
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.launch.nproc)))
+        if not cfg.launch.hostfile:
+            env.setdefault("MASTER_ADDR", "127.0.0.1")
+    cmd = launch_command(cfg, run_path)
+    log("launching: " + " ".join(cmd))
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        raise
+    where = sync.upload_run(run_path, cfg)
+    if rc == 0:
+        log(f"training finished; run folder {where or run_path}, model in {(where or str(run_path)) + '/export'}")
+    else:
+        warn(f"training exited with code {rc}; run `lmpipe train` again with the same --out to resume")
+    return rc
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", help="shard set from `lmpipe tokenize`")
+    p.add_argument("--out", help="run folder (local or s3://); an existing run resumes")
+    p.add_argument("--recipe", help=f"model recipe: {', '.join(recipes.RECIPES)}")
+    p.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3")
+    p.add_argument("--nproc", type=int, help="ranks per node")
+    p.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node")
+    p.add_argument("--fresh", action="store_true", help="start over in a folder that holds a run")
+    p.add_argument("--config", help="YAML or JSON config (a 'train:' section is used if present)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. max_steps=500 model.hidden_size=256")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    flags = {"shards": args.shards, "out": args.out, "recipe": args.recipe, "deepspeed.zero_stage": args.zero_stage,
+             "launch.nproc": args.nproc, "launch.hostfile": args.hostfile, "fresh": True if args.fresh else None}
+    extra = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    return cfglib.load(TrainConfig, args.config, [*args.overrides, *extra], section="train")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lmpipe train", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(config_from_args(args))
+    except LmpipeError as exc:
+        print(f"lmpipe train: error: {exc}", file=sys.stderr)
+        return exc.exit_code
