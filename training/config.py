@@ -43,6 +43,7 @@ class DebugConfig:
     inject_nan_steps: list[int] = field(default_factory=list)  # make the loss NaN at these micro-batches
     log_batches: bool = False  # write every global batch's sample ids to batches.jsonl
     exit_after_steps: int | None = None  # stop (exit 0) after this many steps in this launch
+    step_delay_s: float = 0.0  # sleep after each step (tests use it to kill a run mid-way)
 
 
 @stage_config

@@ -134,8 +134,8 @@ def train(run: Path) -> int:
         dist.barrier()
 
     loader = datalib.Loader(data, order, rank, position, cfg.prefetch)
-    metrics = open(run / "metrics.jsonl", "a") if rank == 0 else None
-    batches = open(run / "batches.jsonl", "a") if rank == 0 and cfg.debug.log_batches else None
+    metrics = open(run / "metrics.jsonl", "a", buffering=1) if rank == 0 else None  # line-buffered: survives a kill
+    batches = open(run / "batches.jsonl", "a", buffering=1) if rank == 0 and cfg.debug.log_batches else None
     flops_tok = ds_config.flops_per_token(n_params, mcfg.num_layers, mcfg.hidden_size, data.seq_len)
     start_step, t_start = step, time.perf_counter()
     t_log, losses, waited0 = time.perf_counter(), [], 0.0
@@ -169,6 +169,8 @@ def train(run: Path) -> int:
             continue
         step += 1
         launched_steps += 1
+        if cfg.debug.step_delay_s:
+            time.sleep(cfg.debug.step_delay_s)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             mean = torch.stack(losses).mean()
             dist.all_reduce(mean)

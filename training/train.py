@@ -130,11 +130,13 @@ def run(cfg: TrainConfig) -> int:
             env.setdefault("MASTER_ADDR", "127.0.0.1")
     cmd = launch_command(cfg, run_path)
     log("launching: " + " ".join(cmd))
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    # Same process group as us: a kill of the job (Airflow's timeout, a SIGKILL to the group)
+    # reaches the launcher and its ranks too, so no orphaned ranks keep training.
+    proc = subprocess.Popen(cmd, env=env)
     try:
         rc = proc.wait()
     except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
         proc.wait()
         raise
     where = sync.upload_run(run_path, cfg)

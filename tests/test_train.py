@@ -1,0 +1,160 @@
+"""DeepSpeed training on CPU ranks over gloo: real launcher, real ranks, real checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+BASE = ["--nproc", "2", "micro_batch_size=4", "log_every=2", "optim.warmup_steps=2", "prefetch=2"]
+
+
+def train_cmd(shards, out, *args):
+    return [sys.executable, "-m", "lmpipe.cli", "train", "--shards", str(shards), "--out", str(out), *BASE, *args]
+
+
+def train(shards, out, *args, timeout=600):
+    r = subprocess.run(train_cmd(shards, out, *args), capture_output=True, text=True, timeout=timeout)
+    return r.returncode, r.stdout + r.stderr
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def tags(out: Path) -> list[str]:
+    return sorted(p.parent.name for p in (out / "checkpoints").glob("step-*/COMMITTED.json"))
+
+
+def trained_fp32(out: Path, tag: str) -> dict:
+    """The weights in a checkpoint, consolidated by DeepSpeed's own zero_to_fp32 (an independent path)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=tag)
+
+
+def assert_export_equals(out: Path, tag: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    ref = trained_fp32(out, tag)
+    got = model.state_dict()
+    assert ref and all(torch.equal(got[k], v) for k, v in ref.items()), "exported weights differ from the trained ones"
+    tok = AutoTokenizer.from_pretrained(out / "export")
+    assert tok.eos_token_id == model.config.eos_token_id
+    assert not (out / "checkpoints" / "latest").exists()  # lmpipe never relies on DeepSpeed's latest
+
+
+def test_zero2_two_ranks_loss_falls_and_export(real_shards, tmp_path):
+    out = tmp_path / "run"
+    rc, log = train(real_shards, out, "--zero-stage", "2", "max_steps=80", "save_every=40", "optim.lr=0.005",
+                    "micro_batch_size=8", "log_every=1", "optim.warmup_steps=5")
+    assert rc == 0, log
+    m = metrics(out)
+    assert len(m) == 80
+    assert m[0]["loss"] - m[-1]["loss"] > 1.0, [x["loss"] for x in m]  # clearly learning: ~6.0 -> ~4.7
+    assert "2 ranks (CPU/gloo), ZeRO-2, fp32" in log and "tokens per step" in log and "ZeRO-3" in log
+    assert tags(out) == ["step-00000040", "step-00000080"]
+    assert_export_equals(out, "step-00000080")
+
+
+def test_zero3_two_ranks_gathers_partitions_for_export(real_shards, tmp_path):
+    out = tmp_path / "run"
+    rc, log = train(real_shards, out, "--zero-stage", "3", "max_steps=4", "save_every=2")
+    assert rc == 0, log
+    assert "ZeRO-3" in log
+    assert_export_equals(out, "step-00000004")
+
+
+def batches(out: Path) -> dict[int, list]:
+    seen = {}
+    for line in (out / "batches.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        seen[e["position"]] = e["ids"]  # a re-run position (after a kill) keeps its last record
+    return seen
+
+
+def test_sigkill_then_resume_equals_uninterrupted(real_shards, tmp_path):
+    args = ["--zero-stage", "2", "max_steps=12", "save_every=4", "debug.log_batches=true"]
+    ref = tmp_path / "ref"
+    rc, log = train(real_shards, ref, *args)
+    assert rc == 0, log
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(real_shards, out, *args, "debug.step_delay_s=0.5"), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "checkpoints" / "step-00000004" / "COMMITTED.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), "no committed checkpoint appeared"
+    time.sleep(1.2)  # let it get past the checkpoint, mid-way to the next
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (out / "export").exists()
+
+    rc, log = train(real_shards, out, *args)
+    assert rc == 0, log
+    resumed = [x for x in log.splitlines() if "resumed from" in x]
+    assert resumed and "at step 4 " in resumed[0], resumed
+    assert batches(out) == batches(ref)
+    a, b = load_file(ref / "export" / "model.safetensors"), load_file(out / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+
+
+def test_missing_marker_stale_latest_and_corrupt_checkpoint(real_shards, tmp_path):
+    out = tmp_path / "run"
+    rc, log = train(real_shards, out, "--zero-stage", "2", "max_steps=6", "save_every=2")
+    assert rc == 0, log
+    (out / "checkpoints" / "step-00000006" / "COMMITTED.json").unlink()  # as if killed mid-save
+    (out / "checkpoints" / "latest").write_text("step-00000002")  # a stale DeepSpeed 'latest'
+    rc, log = train(real_shards, out, "--zero-stage", "2", "max_steps=8", "save_every=2")
+    assert rc == 0, log
+    assert "step-00000006 has no COMMITTED.json" in log
+    assert "resumed from" in log and "step-00000004 at step 4" in log
+
+    victim = next(p for p in sorted((out / "checkpoints" / "step-00000008").rglob("*.pt")))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    rc, log = train(real_shards, out, "--zero-stage", "2", "max_steps=10", "save_every=2")
+    assert rc != 0
+    assert "is corrupt" in log and victim.name in log
+    assert tags(out)[-1] == "step-00000008"  # nothing newer was written
+
+
+def test_nan_loss_is_skipped_then_aborts(real_shards, tmp_path):
+    out = tmp_path / "skip"
+    rc, log = train(real_shards, out, "max_steps=4", "save_every=2", "debug.inject_nan_steps=[1]")
+    assert rc == 0, log
+    assert "non-finite loss at step 1 (data position 1): micro-batch skipped" in log
+    assert tags(out)[-1] == "step-00000004"
+
+    out = tmp_path / "abort"
+    rc, log = train(real_shards, out, "max_steps=10", "save_every=2", "nan_abort_after=3",
+                    "debug.inject_nan_steps=[3,4,5,6,7,8]")
+    assert rc == 3, log
+    assert "aborting: 3 consecutive non-finite losses" in log
+    assert tags(out) == ["step-00000002"] and not (out / "export").exists()
+
+
+def test_refusals_before_launch(real_shards, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("someone else's")
+    rc, log = train(real_shards, foreign)
+    assert rc == 1 and "pass --fresh" in log
+    rc, log = train(tmp_path / "no-shards", tmp_path / "o")
+    assert rc == 1 and "no manifest.json" in log
+    rc, log = train(real_shards, tmp_path / "o", "model.hidden=3")
+    assert rc == 2 and "unknown config key 'model.hidden'" in log
+    rc, log = train(real_shards, tmp_path / "o", "--recipe", "huge")
+    assert rc == 2 and "unknown recipe 'huge'" in log
