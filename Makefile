@@ -42,11 +42,14 @@ demo: venv
 	$(VENV)/bin/lmpipe tokenize --corpus $(DEMO)/corpus --out $(DEMO)/shards \
 		--vocab-size 4096 --seq-len 256 validation_fraction=0.05 partition_mb=2 overwrite=true
 	$(VENV)/bin/lmpipe check-data --shards $(DEMO)/shards --run-id demo
+	$(VENV)/bin/lmpipe train --shards $(DEMO)/shards --out $(DEMO)/run --recipe tiny --nproc 2 --fresh \
+		max_steps=150 save_every=50 log_every=10 micro_batch_size=8
 	@echo
 	@echo "demo corpus:         $(DEMO)/corpus"
 	@echo "corpus checks:       $(DEMO)/corpus/_checks/demo/data_docs/index.html"
 	@echo "shards and manifest: $(DEMO)/shards/manifest.json"
 	@echo "shard checks:        $(DEMO)/shards/_checks/demo/data_docs/index.html"
+	@echo "training run:        $(DEMO)/run   (metrics.jsonl, checkpoints/, export/ = the HF model)"
 	@echo "(open the data_docs pages in a browser; result.json beside them holds the same results)"
 
 test: venv system-deps
@@ -55,6 +58,7 @@ test: venv system-deps
 bench: venv
 	$(PY) bench/tokenize.py
 	$(PY) bench/check_data.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) $(LMPIPE_HOME)

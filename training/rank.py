@@ -184,7 +184,11 @@ def train(run: Path) -> int:
                     "data_wait_frac": round((loader.waited - waited0) / dt_, 4) if dt_ else 0.0,
                     "time": time.time()}
             extra = ""
-            if not cpu:
+            if cpu:
+                import resource
+
+                line["max_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+            else:
                 mfu = tps * flops_tok / (cfg.launch.peak_tflops * 1e12 * world)
                 mem = torch.cuda.max_memory_allocated() / 2**30
                 line.update(mfu=round(mfu, 4), max_mem_gib=round(mem, 2))
