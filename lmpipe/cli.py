@@ -39,6 +39,48 @@ def _train(args: argparse.Namespace) -> int:
     return train.run(train.config_from_args(args))
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from training import evaluate
+
+    result = evaluate.run(evaluate.config_from_args(args))
+    print(result["metrics_path"])
+    return 0
+
+
+def _tracking_cfg(args: argparse.Namespace):
+    from lmpipe import config, tracking
+
+    return config.build(tracking.TrackingConfig, {}, args.overrides)
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from lmpipe import promote
+
+    cfg = _tracking_cfg(args)
+    if args.rollback:
+        promote.rollback(cfg)
+        return 0
+    if not args.candidate:
+        raise LmpipeError("give --candidate VERSION or --rollback")
+    d = promote.promote(cfg, args.candidate, args.margin)
+    print(promote.describe(d))
+    return 0 if d["decision"] == "promoted" else promote.EXIT_REFUSED
+
+
+def _models(args: argparse.Namespace) -> int:
+    from lmpipe import promote
+
+    print(promote.models_table(_tracking_cfg(args)))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lmpipe import report
+
+    print(report.build(args.run))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmpipe", description="Raw text to a served language model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="DeepSpeed ZeRO training from shards (resumes an existing run)")
     train.add_arguments(p)
     p.set_defaults(func=_train)
+
+    from training import evaluate
+
+    p = sub.add_parser("evaluate", help="held-out perplexity of a model (and the champion) on validation shards")
+    evaluate.add_arguments(p)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("promote", help="move the champion alias through the promotion gate, or roll it back")
+    p.add_argument("--candidate", help="model version to promote")
+    p.add_argument("--rollback", action="store_true", help="move champion back to the previous champion")
+    p.add_argument("--margin", type=float, default=0.01, help="required relative perplexity improvement (0.01)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="tracking settings, e.g. model_name=lmpipe")
+    p.set_defaults(func=_promote)
+
+    p = sub.add_parser("models", help="the registered versions, aliases and champion history")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="tracking settings, e.g. uri=http://mlflow:5000")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("report", help="write an HTML report into a training run folder")
+    p.add_argument("run", help="the training run folder")
+    p.set_defaults(func=_report)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ os.environ.setdefault("LMPIPE_PROGRESS_S", "30")
 # Fake credentials for the moto server, set before any Spark JVM starts: Spark's Python
 # workers inherit the environment of the JVM, as executors on a cluster use their own.
 os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-for _var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+for _var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_URI"):
     os.environ.pop(_var, None)
+# Each test session gets its own pipeline home (MLflow store, run staging); subprocesses inherit it.
+os.environ["LMPIPE_HOME"] = tempfile.mkdtemp(prefix="lmpipe-test-home-")
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +82,17 @@ def real_shards(tmp_path_factory, demo_corpus_dir) -> Path:
         "shard_sequences": 500, "validation_fraction": 0.1, "partition_mb": 1,
         "tokenizer": {"vocab_size": 400, "train_sample_mb": 1}}))
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_spark_at_exit():
+    """Stop the shared local Spark session cleanly (py4j otherwise logs to closed streams)."""
+    yield
+    import sys
+
+    if "pyspark" in sys.modules:
+        from pyspark.sql import SparkSession
+
+        active = SparkSession.getActiveSession()
+        if active is not None:
+            active.stop()

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from lmpipe.config import stage_config
 from lmpipe.storage import StorageConfig
+from lmpipe.tracking import TrackingConfig
 
 
 @stage_config
@@ -69,8 +70,9 @@ class TrainConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # Keys that may change when a run resumes; everything else must match the run's config.
 RESUMABLE_CHANGES = ("max_steps", "save_every", "keep_checkpoints", "log_every", "prefetch", "fresh", "work_dir",
-                     "launch", "debug", "nan_abort_after")
+                     "launch", "debug", "nan_abort_after", "tracking")

@@ -53,6 +53,9 @@ def write(state: dict, out: Path, data, resolved: dict, step: int) -> None:
     eos = _eos_token(man, tok_path)
     PreTrainedTokenizerFast(tokenizer_file=str(tok_path), eos_token=eos, bos_token=eos, pad_token=eos,
                             model_max_length=mcfg.max_position_embeddings).save_pretrained(tmp)
+    # save_pretrained re-serializes tokenizer.json; keep the original bytes, so its sha256 is the
+    # one in the shard manifest (evaluation compares tokenizers by it)
+    tok_path.write_bytes(data.store.get_bytes(man["tokenizer"]["path"]))
     (tmp / "lmpipe.json").write_text(json.dumps({
         "step": step, "shards": data.store.uri, "tokenizer_sha256": man["tokenizer"]["sha256"],
         "seq_len": man["seq_len"], "recipe": resolved["recipe"], "model": resolved["model"],

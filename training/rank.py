@@ -63,7 +63,7 @@ def train(run: Path) -> int:
 
     from training import checkpoint as ckpt
     from training import data as datalib
-    from training import ds_config, export, recipes, sync
+    from training import ds_config, export, lineage, recipes, sync
     from training.config import TrainConfig
 
     cfg = cfglib.build(TrainConfig, json.loads((run / "train_config.json").read_text()))
@@ -197,7 +197,10 @@ def train(run: Path) -> int:
                        f"ETA {eta:.0f}s | data wait {line['data_wait_frac']:.1%}{extra}")
             if metrics:
                 metrics.write(json.dumps(line) + "\n")
-                metrics.flush()
+                try:
+                    lineage.log_metrics(resolved.get("mlflow_run_id"), line, step)
+                except Exception as exc:  # tracking trouble must not kill a training run
+                    _say(rank, f"warning: could not log metrics to MLflow: {exc}")
             t_log, losses, waited0 = now, [], loader.waited
         if step % cfg.save_every == 0 and step < cfg.max_steps:
             save()

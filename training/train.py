@@ -32,7 +32,8 @@ from training import checkpoint as ckpt
 from training import ds_config, recipes, sync
 from training.config import RESUMABLE_CHANGES, TrainConfig
 
-RUN_OUTPUTS = ("checkpoints", "export", "export.tmp", "metrics.jsonl", "batches.jsonl")
+RUN_OUTPUTS = ("checkpoints", "export", "export.tmp", "metrics.jsonl", "batches.jsonl", "mlflow_run.json",
+               "model_version.json", "data", "eval", "report")
 
 
 def resolve_model(cfg: TrainConfig) -> dict:
@@ -121,8 +122,19 @@ def launch_command(cfg: TrainConfig, run: Path) -> list[str]:
 def run(cfg: TrainConfig) -> int:
     import torch
 
+    from training import lineage
+
     run_path = prepare(cfg)
+    resolved = json.loads((run_path / "resolved.json").read_text())
+    man = manifest.read(open_store(cfg.shards, cfg.storage))
+    mlflow_run = lineage.start(cfg, run_path, man, resolved["model"])
+    resolved["mlflow_run_id"] = mlflow_run
+    (run_path / "resolved.json").write_text(json.dumps(resolved, indent=2))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if mlflow_run:
+        from lmpipe import tracking
+
+        env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri(cfg.tracking)
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator, ranks over gloo
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.launch.nproc)))
@@ -140,6 +152,7 @@ def run(cfg: TrainConfig) -> int:
         proc.wait()
         raise
     where = sync.upload_run(run_path, cfg)
+    lineage.finish(cfg, run_path, man, mlflow_run, rc)
     if rc == 0:
         log(f"training finished; run folder {where or run_path}, model in {(where or str(run_path)) + '/export'}")
     else:

@@ -1,0 +1,119 @@
+"""The promotion gate: ``lmpipe promote --candidate VERSION``, ``--rollback``, and ``lmpipe models``.
+
+``champion`` moves to the candidate only if its training run completed, its shards passed
+the data checks, and it beats the champion's validation perplexity on the same shards by
+``margin`` (relative). Every decision, taken or refused, is recorded on the model version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+
+from lmpipe import tracking
+from lmpipe.errors import LmpipeError
+from lmpipe.log import log
+
+EXIT_REFUSED = 4
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _ppl(v, shards_sha: str) -> float | None:
+    t = v.tags
+    if t.get("lmpipe.eval.shards_manifest_sha256") == shards_sha and t.get("lmpipe.eval.comparable") == "true":
+        return float(t["lmpipe.eval.perplexity"])
+    return None
+
+
+def decide(c, name: str, version: str, margin: float, evaluate_missing=None) -> dict:
+    """The gate's decision and its reasons, with the numbers compared."""
+    cand = c.get_model_version(name, version)
+    reasons = []
+    run_status = c.get_run(cand.run_id).info.status if cand.run_id else "UNKNOWN"
+    if cand.tags.get("lmpipe.training_status") != "FINISHED" or run_status != "FINISHED":
+        reasons.append(f"training run did not complete (run status {run_status})")
+    checks = cand.tags.get("lmpipe.data_checks_success", "missing")
+    if checks != "true":
+        reasons.append(f"data checks of its shards did not pass ({checks}: {cand.tags.get('lmpipe.data_checks')})")
+    shards_sha = cand.tags.get("lmpipe.eval.shards_manifest_sha256")
+    cand_ppl = _ppl(cand, shards_sha) if shards_sha else None
+    if cand_ppl is None:
+        reasons.append("no comparable evaluation of the candidate: run `lmpipe evaluate` first")
+    champ = tracking.alias_version(c, name, tracking.CHAMPION)
+    champ_ppl = None
+    if champ is not None and str(champ.version) != str(version) and cand_ppl is not None:
+        champ_ppl = _ppl(champ, shards_sha)
+        if champ_ppl is None and evaluate_missing is not None:
+            champ_ppl = evaluate_missing(champ, cand.tags["lmpipe.eval.shards"])
+        if champ_ppl is None:
+            reasons.append(f"champion v{champ.version} is not comparable on the candidate's shards")
+        elif not cand_ppl <= champ_ppl * (1 - margin):
+            reasons.append(f"perplexity {cand_ppl:.4f} is not better than champion v{champ.version}'s "
+                           f"{champ_ppl:.4f} by {margin:.1%}")
+    elif champ is not None and str(champ.version) == str(version):
+        reasons.append(f"v{version} is already the champion")
+    return {"decision": "refused" if reasons else "promoted", "reasons": reasons, "candidate": str(version),
+            "candidate_perplexity": cand_ppl, "champion": champ and str(champ.version),
+            "champion_perplexity": champ_ppl, "margin": margin, "at": _now()}
+
+
+def promote(cfg, version: str, margin: float) -> dict:
+    c = tracking.client(cfg)
+    name = cfg.model_name
+    d = decide(c, name, str(version), margin)
+    if d["decision"] == "promoted":
+        hist = tracking.champion_history(c, name)
+        c.set_registered_model_alias(name, tracking.CHAMPION, str(version))
+        c.set_registered_model_tag(name, tracking.HISTORY_TAG, json.dumps([*hist, str(version)]))
+    c.set_model_version_tag(name, str(version), f"lmpipe.promotion.{d['at']}", json.dumps(d))
+    c.set_model_version_tag(name, str(version), "lmpipe.promotion.last", json.dumps(d))
+    log(describe(d))
+    return d
+
+
+def rollback(cfg) -> dict:
+    c = tracking.client(cfg)
+    name = cfg.model_name
+    hist = tracking.champion_history(c, name)
+    if len(hist) < 2:
+        raise LmpipeError(f"{name} has no previous champion to roll back to (history: {hist})")
+    current, previous = hist[-1], hist[-2]
+    c.set_registered_model_alias(name, tracking.CHAMPION, previous)
+    c.set_registered_model_tag(name, tracking.HISTORY_TAG, json.dumps(hist[:-1]))
+    d = {"decision": "rolled back", "from": current, "to": previous, "at": _now()}
+    c.set_model_version_tag(name, current, f"lmpipe.promotion.{d['at']}", json.dumps(d))
+    c.set_model_version_tag(name, previous, f"lmpipe.promotion.{d['at']}", json.dumps(d))
+    log(f"champion rolled back from v{current} to v{previous}")
+    return d
+
+
+def describe(d: dict) -> str:
+    if d["decision"] == "promoted":
+        champ = f" over champion v{d['champion']} ({d['champion_perplexity']:.4f})" if d["champion"] else " (no champion yet)"
+        return f"promoted v{d['candidate']} to champion: perplexity {d['candidate_perplexity']:.4f}{champ}"
+    return f"refused to promote v{d['candidate']}: " + "; ".join(d["reasons"])
+
+
+def models_table(cfg) -> str:
+    c = tracking.client(cfg)
+    name = cfg.model_name
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        return f"no registered model {name!r} yet"
+    hist = tracking.champion_history(c, name)
+    rows = [("version", "aliases", "perplexity", "data", "date", "champion history")]
+    for v in sorted(c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
+        ppl = v.tags.get("lmpipe.eval.perplexity")
+        rows.append((v.version, ",".join(v.aliases) or "-", f"{float(ppl):.3f}" if ppl and math.isfinite(float(ppl)) else "-",
+                     v.tags.get("lmpipe.shards_manifest", "-").removesuffix("/manifest.json"),
+                     dt.datetime.fromtimestamp(v.creation_timestamp / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                     ",".join(f"#{i + 1}" for i, h in enumerate(hist) if h == str(v.version)) or "-"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in rows)
