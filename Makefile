@@ -7,6 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lmpipe-installed
 LMPIPE_HOME ?= $(CURDIR)/.lmpipe
+export LMPIPE_HOME
 DEMO   := $(LMPIPE_HOME)/demo
 DEMO_MB ?= 8
 PYTEST_ARGS ?=
@@ -44,12 +45,18 @@ demo: venv
 	$(VENV)/bin/lmpipe check-data --shards $(DEMO)/shards --run-id demo
 	$(VENV)/bin/lmpipe train --shards $(DEMO)/shards --out $(DEMO)/run --recipe tiny --nproc 2 --fresh \
 		max_steps=150 save_every=50 log_every=10 micro_batch_size=8
+	$(VENV)/bin/lmpipe evaluate --model $(DEMO)/run/export --shards $(DEMO)/shards max_sequences=256
+	-$(VENV)/bin/lmpipe promote --candidate $$($(PY) -c "import json; print(json.load(open('$(DEMO)/run/model_version.json'))['version'])")
+	$(VENV)/bin/lmpipe models
+	$(VENV)/bin/lmpipe report $(DEMO)/run
 	@echo
 	@echo "demo corpus:         $(DEMO)/corpus"
 	@echo "corpus checks:       $(DEMO)/corpus/_checks/demo/data_docs/index.html"
 	@echo "shards and manifest: $(DEMO)/shards/manifest.json"
 	@echo "shard checks:        $(DEMO)/shards/_checks/demo/data_docs/index.html"
 	@echo "training run:        $(DEMO)/run   (metrics.jsonl, checkpoints/, export/ = the HF model)"
+	@echo "run report:          $(DEMO)/run/report/index.html"
+	@echo "MLflow UI:           $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(LMPIPE_HOME)/mlflow.db"
 	@echo "(open the data_docs pages in a browser; result.json beside them holds the same results)"
 
 test: venv system-deps

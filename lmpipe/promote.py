@@ -69,6 +69,7 @@ def promote(cfg, version: str, margin: float) -> dict:
         hist = tracking.champion_history(c, name)
         c.set_registered_model_alias(name, tracking.CHAMPION, str(version))
         c.set_registered_model_tag(name, tracking.HISTORY_TAG, json.dumps([*hist, str(version)]))
+        tracking.log_champion(c, name, str(version), "promoted", d["at"])
     c.set_model_version_tag(name, str(version), f"lmpipe.promotion.{d['at']}", json.dumps(d))
     c.set_model_version_tag(name, str(version), "lmpipe.promotion.last", json.dumps(d))
     log(describe(d))
@@ -85,6 +86,7 @@ def rollback(cfg) -> dict:
     c.set_registered_model_alias(name, tracking.CHAMPION, previous)
     c.set_registered_model_tag(name, tracking.HISTORY_TAG, json.dumps(hist[:-1]))
     d = {"decision": "rolled back", "from": current, "to": previous, "at": _now()}
+    tracking.log_champion(c, name, previous, f"rollback from v{current}", d["at"])
     c.set_model_version_tag(name, current, f"lmpipe.promotion.{d['at']}", json.dumps(d))
     c.set_model_version_tag(name, previous, f"lmpipe.promotion.{d['at']}", json.dumps(d))
     log(f"champion rolled back from v{current} to v{previous}")
@@ -107,13 +109,17 @@ def models_table(cfg) -> str:
         c.get_registered_model(name)
     except MlflowException:
         return f"no registered model {name!r} yet"
-    hist = tracking.champion_history(c, name)
+    log_ = tracking.champion_log(c, name)
     rows = [("version", "aliases", "perplexity", "data", "date", "champion history")]
-    for v in sorted(c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
+    found = c.search_model_versions(f"name='{name}'")
+    # search results do not carry aliases: fetch each version
+    for v in sorted((c.get_model_version(name, str(x.version)) for x in found), key=lambda v: int(v.version)):
         ppl = v.tags.get("lmpipe.eval.perplexity")
         rows.append((v.version, ",".join(v.aliases) or "-", f"{float(ppl):.3f}" if ppl and math.isfinite(float(ppl)) else "-",
                      v.tags.get("lmpipe.shards_manifest", "-").removesuffix("/manifest.json"),
                      dt.datetime.fromtimestamp(v.creation_timestamp / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-                     ",".join(f"#{i + 1}" for i, h in enumerate(hist) if h == str(v.version)) or "-"))
+                     ",".join(f"#{i + 1}" for i, (h, _e, _t) in enumerate(log_) if h == str(v.version)) or "-"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in rows)
+    table = "\n".join("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in rows)
+    events = "\n".join(f"  #{i + 1} {t}  v{v}  {e}" for i, (v, e, t) in enumerate(log_))
+    return table + ("\n\nchampion history:\n" + events if events else "")

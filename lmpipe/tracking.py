@@ -16,7 +16,8 @@ from pathlib import Path
 from lmpipe.config import stage_config
 
 CHAMPION, CANDIDATE = "champion", "candidate"
-HISTORY_TAG = "lmpipe.champion_history"
+HISTORY_TAG = "lmpipe.champion_history"  # the stack that --rollback pops
+LOG_TAG = "lmpipe.champion_log"  # every change of champion, append-only: [[version, event, time], ...]
 
 
 @stage_config
@@ -107,3 +108,12 @@ def alias_version(c, name: str, alias: str):
 def champion_history(c, name: str) -> list[str]:
     tags = c.get_registered_model(name).tags
     return json.loads(tags.get(HISTORY_TAG, "[]"))
+
+
+def champion_log(c, name: str) -> list[list[str]]:
+    return json.loads(c.get_registered_model(name).tags.get(LOG_TAG, "[]"))
+
+
+def log_champion(c, name: str, version: str, event: str, at: str) -> None:
+    entries = champion_log(c, name)
+    c.set_registered_model_tag(name, LOG_TAG, json.dumps([*entries, [str(version), event, at]]))

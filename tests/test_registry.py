@@ -91,32 +91,34 @@ def test_promotion_gate_and_rollback(registry):
         rc, log = lmpipe("evaluate", "--model", f"models:/lmpipe/{v}", "--shards", shards, "max_sequences=200")
         assert rc == 0, log
     c = tracking.client(tracking.TrackingConfig())
-    assert tracking.alias_version(c, "lmpipe", "candidate").version == v3  # the latest that passed evaluation
+    assert str(tracking.alias_version(c, "lmpipe", "candidate").version) == v3  # the latest that passed evaluation
 
     rc, log = lmpipe("promote", "--candidate", v1)  # no champion yet
     assert rc == 0 and "promoted v1" in log.replace(f"v{v1}", "v1")
     rc, log = lmpipe("promote", "--candidate", v2)  # clearly better
     assert rc == 0, log
-    assert tracking.alias_version(c, "lmpipe", "champion").version == v2
+    assert str(tracking.alias_version(c, "lmpipe", "champion").version) == v2
 
     rc, log = lmpipe("promote", "--candidate", v1)  # worse: refused, champion unchanged
     assert rc == promote.EXIT_REFUSED and "is not better than champion" in log
-    assert tracking.alias_version(c, "lmpipe", "champion").version == v2
+    assert str(tracking.alias_version(c, "lmpipe", "champion").version) == v2
     d = json.loads(c.get_model_version("lmpipe", v1).tags["lmpipe.promotion.last"])
     assert d["decision"] == "refused" and d["champion_perplexity"] < d["candidate_perplexity"]
 
     rc, log = lmpipe("promote", "--candidate", v3)  # its data checks failed
     assert rc == promote.EXIT_REFUSED and "data checks of its shards did not pass" in log
-    assert tracking.alias_version(c, "lmpipe", "champion").version == v2
+    assert str(tracking.alias_version(c, "lmpipe", "champion").version) == v2
 
     rc, log = lmpipe("promote", "--rollback")
-    assert rc == 0 and tracking.alias_version(c, "lmpipe", "champion").version == v1
+    assert rc == 0 and str(tracking.alias_version(c, "lmpipe", "champion").version) == v1
 
     rc, table = lmpipe("models")
     assert rc == 0
-    lines = table.strip().splitlines()
+    lines = table.strip().split("\n\n")[0].splitlines()
     assert lines[0].split()[:4] == ["version", "aliases", "perplexity", "data"]
-    assert any(line.split()[0] == v1 and "champion" in line for line in lines[1:])
+    assert any(line.split()[0] == v1 and "champion" in line.split()[1] for line in lines[1:]), table
+    assert any(line.split()[0] == v2 and "#2" in line for line in lines[1:]), table
+    assert f"#3" in table and f"v{v1}  rollback from v{v2}" in table
 
 
 def test_report_renders_with_plot_and_table(registry):

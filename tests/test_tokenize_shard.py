@@ -179,3 +179,16 @@ def test_cli_runs_and_prints_a_summary(tmp_path, demo_corpus_dir, capsys):
     assert code == 0
     assert captured.out.strip() == str(tmp_path / "o")
     assert "Tokenized" in captured.err and "tokens/s" in captured.err and "Manifest:" in captured.err
+
+
+def test_spark_submit_runs_the_job(tmp_path, demo_corpus_dir):
+    """The job file is a real spark-submit entry point (the same flags as `lmpipe tokenize`)."""
+    submit = Path(sys.executable).parent / "spark-submit"
+    job = Path(tokenize_shard.__file__)
+    r = subprocess.run([str(submit), "--master", "local[2]", "--conf", "spark.driver.host=127.0.0.1", str(job),
+                        "--corpus", str(demo_corpus_dir), "--out", str(tmp_path / "o"), "--seq-len", "64",
+                        "--vocab-size", "400"], capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "PYSPARK_PYTHON": sys.executable})
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = manifest.read(open_store(tmp_path / "o"))
+    assert m["spark"]["master"] == "local[2]" and m["splits"]["train"]["sequences"] > 0

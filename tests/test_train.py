@@ -66,12 +66,39 @@ def test_zero2_two_ranks_loss_falls_and_export(real_shards, tmp_path):
     assert_export_equals(out, "step-00000080")
 
 
-def test_zero3_two_ranks_gathers_partitions_for_export(real_shards, tmp_path):
-    out = tmp_path / "run"
-    rc, log = train(real_shards, out, "--zero-stage", "3", "max_steps=4", "save_every=2")
+def test_zero3_two_ranks_from_and_to_s3(real_shards, tmp_path, bucket, storage_cfg):
+    """ZeRO-3 partitions are gathered for export; shards are read from S3 (cached, verified) and the
+    run (checkpoints with their markers, export, metrics) is uploaded to the run's S3 prefix."""
+    from lmpipe.storage import open_store
+
+    src = open_store(f"s3://{bucket}/shards", storage_cfg)
+    for p in real_shards.rglob("*"):
+        if p.is_file() and "_checks" not in p.parts:
+            src.put_file(p.relative_to(real_shards).as_posix(), p)
+    stage = tmp_path / "staging"
+    rc, log = train(f"s3://{bucket}/shards", f"s3://{bucket}/runs/r1", "--zero-stage", "3", "max_steps=4",
+                    "save_every=2", f"storage.endpoint_url={storage_cfg.endpoint_url}", f"work_dir={stage}")
     assert rc == 0, log
-    assert "ZeRO-3" in log
-    assert_export_equals(out, "step-00000004")
+    assert "ZeRO-3" in log and "uploaded to s3://" in log
+    assert_export_equals(stage, "step-00000004")
+    assert len(list((stage / "cache" / "shards").glob("*.npy"))) > 1  # cached after the sha256 check
+    run = open_store(f"s3://{bucket}/runs/r1", storage_cfg)
+    for key in ("checkpoints/step-00000004/COMMITTED.json", "checkpoints/step-00000002/COMMITTED.json",
+                "export/model.safetensors", "export/config.json", "metrics.jsonl", "train_config.json"):
+        assert run.exists(key), key
+
+
+def test_launch_command_uses_the_deepspeed_launcher_and_hostfile():
+    from lmpipe import config
+    from training.config import TrainConfig
+    from training.train import launch_command
+
+    cfg = config.build(TrainConfig, {"launch": {"nproc": 8, "hostfile": "/etc/hosts.ds", "num_nodes": 4,
+                                                "master_port": 29600}})
+    cmd = launch_command(cfg, Path("/runs/x"))
+    assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"]
+    assert cmd[3:] == ["--num_gpus", "8", "--master_port", "29600", "--hostfile", "/etc/hosts.ds", "--num_nodes", "4",
+                       "--module", "training.rank", "--run-dir", "/runs/x"]
 
 
 def batches(out: Path) -> dict[int, list]:
