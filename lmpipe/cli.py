@@ -81,6 +81,12 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from serving import serve
+
+    return serve.run(serve.config_from_args(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmpipe", description="Raw text to a served language model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write an HTML report into a training run folder")
     p.add_argument("run", help="the training run folder")
     p.set_defaults(func=_report)
+
+    from serving import serve
+
+    p = sub.add_parser("serve", help="the OpenAI-compatible inference server for the champion")
+    serve.add_arguments(p)
+    p.set_defaults(func=_serve)
     return parser
 
 

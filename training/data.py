@@ -9,6 +9,7 @@ run would have seen.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -36,26 +37,32 @@ class ShardSet:
         self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
 
     def _load(self, entry: dict, cache: Path) -> np.ndarray:
-        """Shard -> cached .npy (uint16/32 rows), memory-mapped. Downloads are sha256-verified."""
+        """Shard -> cached .npy (uint16/32 rows), memory-mapped. Downloads are sha256-verified.
+
+        Several ranks on a node may fill the same cache at once: each works on files of its own
+        (pid-suffixed) and publishes the .npy with an atomic rename, so none sees a half file.
+        """
         npy = cache / f"{entry['sha256']}.npy"
         if not npy.exists():
             cache.mkdir(parents=True, exist_ok=True)
+            own = f"{os.getpid()}-{threading.get_ident()}"
             local = getattr(self.store, "root", None)
-            src = self.store.path(entry["path"]) if local is not None else cache / f"{entry['sha256']}.parquet"
-            if local is None and not src.exists():
-                self.store.get_file(entry["path"], src)
-            actual = sha256_file(src)
-            if actual != entry["sha256"]:
-                raise LmpipeError(f"shard {self.store.url(entry['path'])} has sha256 {actual}, "
-                                  f"the manifest says {entry['sha256']}: refusing to train on it")
-            from lmpipe.shards import read_shard
-
-            rows = read_shard(src)
-            tmp = npy.with_suffix(f".tmp{threading.get_ident()}.npy")
-            np.save(tmp, rows)
-            tmp.replace(npy)
+            src = self.store.path(entry["path"]) if local is not None else cache / f"{entry['sha256']}.{own}.parquet"
             if local is None:
-                src.unlink(missing_ok=True)
+                self.store.get_file(entry["path"], src)
+            try:
+                actual = sha256_file(src)
+                if actual != entry["sha256"]:
+                    raise LmpipeError(f"shard {self.store.url(entry['path'])} has sha256 {actual}, "
+                                      f"the manifest says {entry['sha256']}: refusing to train on it")
+                from lmpipe.shards import read_shard
+
+                tmp = cache / f"{entry['sha256']}.{own}.tmp.npy"
+                np.save(tmp, read_shard(src))
+                tmp.replace(npy)
+            finally:
+                if local is None:
+                    src.unlink(missing_ok=True)
         return np.load(npy, mmap_mode="r")
 
     def __len__(self) -> int:

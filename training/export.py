@@ -45,6 +45,7 @@ def write(state: dict, out: Path, data, resolved: dict, step: int) -> None:
     tied = {"lm_head.weight"} if mcfg.tie_embeddings else set()
     if unexpected or set(missing) - tied:
         raise LmpipeError(f"export: state dict does not fit the model (missing {missing}, unexpected {unexpected})")
+    model.config.use_cache = True  # training turns the KV cache off; inference wants it
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)

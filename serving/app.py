@@ -1,0 +1,286 @@
+"""The OpenAI-compatible HTTP API (FastAPI) over the batcher, with zero-downtime reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmpipe.errors import LmpipeError
+from serving import engine
+from serving.models import ModelManager
+
+log = logging.getLogger("lmpipe.serve")
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    prompt: str | list[str]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    echo: bool = False
+    logprobs: int | None = Field(default=None)
+    stream: bool = False
+    stream_options: dict | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def error(status: int, message: str, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+def create_app(cfg, manager: ModelManager | None = None) -> FastAPI:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    reg = CollectorRegistry()
+    m_requests = Counter("lmpipe_requests_total", "HTTP requests", ["route", "status"], registry=reg)
+    m_latency = Histogram("lmpipe_request_seconds", "Request latency", ["route"], registry=reg)
+    m_tokens = Counter("lmpipe_tokens_generated_total", "Tokens generated", registry=reg)
+    m_queue = Gauge("lmpipe_queue_depth", "Requests queued or decoding", registry=reg)
+    m_version = Gauge("lmpipe_model_info", "The model being served", ["name", "version"], registry=reg)
+    m_reload_fail = Counter("lmpipe_reload_failures_total", "Reloads that failed (the old model kept serving)",
+                            registry=reg)
+    m_reload_ok = Counter("lmpipe_reloads_total", "Reloads that swapped in a new model", registry=reg)
+
+    batcher = engine.Batcher(cfg.max_batch, cfg.max_queue, cfg.batch_wait_ms, on_tokens=m_tokens.inc)
+    manager = manager or ModelManager(cfg)
+
+    def on_swap(old, new):
+        if old is not None:
+            m_version.remove(old.name, str(old.version))
+        m_version.labels(new.name, str(new.version)).set(1)
+        m_reload_ok.inc()
+
+    manager.on_swap = on_swap
+    manager.on_failure = lambda exc: m_reload_fail.inc()
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        manager.start()  # loads the model in the background: /healthz answers at once, /readyz once loaded
+        yield
+        manager.stop()
+
+    app = FastAPI(title="lmpipe", version="1", lifespan=lifespan)
+    app.state.manager, app.state.batcher = manager, batcher
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_req, exc: ApiError):
+        return error(exc.status, exc.message, exc.param, exc.code, exc.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req, exc: RequestValidationError):
+        e = exc.errors()[0]
+        if e.get("type") == "json_invalid":
+            return error(400, "malformed JSON in the request body", None, "invalid_json")
+        param = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or None
+        return error(400, f"invalid '{param}': {e.get('msg')}", param)
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next):
+        t = time.perf_counter()
+        route = request.url.path
+        if route.startswith("/v1/") or route.startswith("/admin/"):
+            if cfg.api_key and not _authorized(request.headers.get("authorization", ""), cfg.api_key):
+                m_requests.labels(route, "401").inc()
+                return error(401, "Incorrect API key provided: send 'Authorization: Bearer <key>'", None,
+                             "invalid_api_key")
+        response = await call_next(request)
+        m_requests.labels(route, str(response.status_code)).inc()
+        m_latency.labels(route).observe(time.perf_counter() - t)
+        return response
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if manager.current is None:
+            return JSONResponse({"status": "loading", "error": manager.last_error}, status_code=503)
+        return {"status": "ready", "model": manager.current.label}
+
+    @app.get("/metrics")
+    async def metrics():
+        m_queue.set(batcher.depth)
+        return PlainTextResponse(generate_latest(reg).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        cur = manager.current
+        data = []
+        if cur is not None:
+            data.append({"id": cur.name, "object": "model", "created": int(cur.loaded_at), "owned_by": "lmpipe",
+                         "version": cur.version, "source": manager.ref, "last_reload_error": manager.last_error})
+        return {"object": "list", "data": data}
+
+    @app.post("/admin/reload")
+    async def reload():
+        try:
+            changed = await asyncio.to_thread(manager.reload)
+        except LmpipeError as exc:
+            raise ApiError(500, f"reload failed, still serving {manager.current and manager.current.label}: {exc}",
+                           code="reload_failed", kind="server_error") from None
+        return {"reloaded": changed, "model": manager.current.label}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        cur = manager.current
+        if cur is None:
+            raise ApiError(503, "no model is loaded yet", code="model_not_ready", kind="server_error")
+        if body.model not in (cur.name, cur.label):
+            raise ApiError(404, f"The model '{body.model}' does not exist; this server serves '{cur.name}'",
+                           "model", "model_not_found")
+        reqs, prompts = _build(body, cur, cfg, asyncio.get_running_loop())
+        try:
+            batcher.submit(reqs)
+        except engine.QueueFull as exc:
+            raise ApiError(429, f"server busy: {exc}; retry later", code="rate_limit_exceeded",
+                           kind="rate_limit_error") from None
+        cid, created = engine.completion_id(), int(time.time())
+        if body.stream:
+            return StreamingResponse(_stream(request, body, cur, reqs, prompts, cid, created),
+                                     media_type="text/event-stream")
+        choices = await asyncio.gather(*(_collect(r, body, cur, prompts[r.index // body.n]) for r in reqs))
+        if any("error" in c for c in choices):
+            raise ApiError(500, next(c["error"] for c in choices if "error" in c), kind="server_error")
+        completion = sum(c.pop("_tokens") for c in choices)
+        prompt_tokens = sum(len(cur.tokenizer(p).input_ids) for p in prompts)
+        return {"id": cid, "object": "text_completion", "created": created, "model": cur.name,
+                "system_fingerprint": cur.label, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                          "total_tokens": prompt_tokens + completion}}
+
+    return app
+
+
+def _authorized(header: str, key: str) -> bool:
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def _build(body: CompletionRequest, cur, cfg, loop) -> tuple[list[engine.Request], list[str]]:
+    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    if not prompts or any(not isinstance(p, str) for p in prompts):
+        raise ApiError(400, "'prompt' must be a string or a non-empty list of strings", "prompt")
+    if not 1 <= body.max_tokens <= cfg.max_tokens_limit:
+        raise ApiError(400, f"'max_tokens' must be between 1 and {cfg.max_tokens_limit} (got {body.max_tokens})",
+                       "max_tokens")
+    if not 1 <= body.n <= cfg.max_n:
+        raise ApiError(400, f"'n' must be between 1 and {cfg.max_n} (got {body.n})", "n")
+    if not 0 <= body.temperature <= 2:
+        raise ApiError(400, f"'temperature' must be between 0 and 2 (got {body.temperature})", "temperature")
+    if not 0 < body.top_p <= 1:
+        raise ApiError(400, f"'top_p' must be in (0, 1] (got {body.top_p})", "top_p")
+    if body.logprobs is not None and not 0 <= body.logprobs <= 5:
+        raise ApiError(400, f"'logprobs' must be between 0 and 5 (got {body.logprobs})", "logprobs")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > 4:
+        raise ApiError(400, "'stop' takes at most 4 sequences", "stop")
+    reqs = []
+    for pi, p in enumerate(prompts):
+        ids = cur.tokenizer(p).input_ids or [cur.tokenizer.eos_token_id]
+        if len(ids) + body.max_tokens > cur.context:
+            raise ApiError(400, f"'prompt' is {len(ids)} tokens; with max_tokens {body.max_tokens} that exceeds the "
+                                f"model's context of {cur.context} tokens", "prompt", "context_length_exceeded")
+        for j in range(body.n):
+            seed = None if body.seed is None else body.seed + j
+            reqs.append(engine.Request(cur, ids, body.max_tokens, body.temperature, body.top_p, seed, stops,
+                                       body.logprobs, pi * body.n + j, loop, asyncio.Queue()))
+    return reqs, prompts
+
+
+def _logprobs(tokens: list[dict], start: int, tok) -> dict:
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = start
+    for t in tokens:
+        out["tokens"].append(t["token"])
+        out["token_logprobs"].append(t["logprob"])
+        out["top_logprobs"].append({tok.decode([k]): v for k, v in (t["top"] or {}).items()})
+        out["text_offset"].append(offset)
+        offset += len(t["token"])
+    return out
+
+
+async def _collect(r: engine.Request, body, cur, prompt: str) -> dict:
+    text, tokens = "", []
+    while True:
+        ev = await r.events.get()
+        if "error" in ev:
+            return {"error": ev["error"], "_tokens": 0}
+        if "delta" in ev:
+            text += ev["delta"]
+            tokens.append(ev)
+        if ev.get("done"):
+            prefix = prompt if body.echo else ""
+            return {"text": prefix + text, "index": r.index, "finish_reason": ev["finish_reason"],
+                    "logprobs": _logprobs(tokens, len(prefix), cur.tokenizer) if body.logprobs is not None else None,
+                    "_tokens": ev.get("completion_tokens", len(tokens))}
+
+
+async def _stream(request: Request, body, cur, reqs, prompts, cid: str, created: int):
+    """Server-sent events in the OpenAI shape, ending with ``data: [DONE]``."""
+    def chunk(index: int, text: str, finish=None, logprobs=None) -> str:
+        return "data: " + engine.dumps({"id": cid, "object": "text_completion", "created": created, "model": cur.name,
+                                        "system_fingerprint": cur.label, "choices": [
+                                            {"text": text, "index": index, "logprobs": logprobs,
+                                             "finish_reason": finish}]}) + "\n\n"
+
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(r):
+        while True:
+            ev = await r.events.get()
+            await merged.put((r, ev))
+            if ev.get("done") or "error" in ev:
+                return
+
+    tasks = [asyncio.create_task(pump(r)) for r in reqs]
+    completion = 0
+    try:
+        if body.echo:
+            for r in reqs:
+                yield chunk(r.index, prompts[r.index // body.n])
+        open_ = len(reqs)
+        while open_:
+            r, ev = await merged.get()
+            if "error" in ev:
+                yield "data: " + engine.dumps({"error": {"message": ev["error"], "type": "server_error"}}) + "\n\n"
+                open_ -= 1
+                continue
+            if "delta" in ev and ev["delta"]:
+                lp = _logprobs([ev], 0, cur.tokenizer) if body.logprobs is not None else None
+                yield chunk(r.index, ev["delta"], logprobs=lp)
+            if ev.get("done"):
+                open_ -= 1
+                completion += ev.get("completion_tokens", 0)
+                yield chunk(r.index, "", ev["finish_reason"])
+        if (body.stream_options or {}).get("include_usage"):
+            pt = sum(len(cur.tokenizer(p).input_ids) for p in prompts)
+            yield "data: " + engine.dumps({"id": cid, "object": "text_completion", "created": created,
+                                           "model": cur.name, "choices": [],
+                                           "usage": {"prompt_tokens": pt, "completion_tokens": completion,
+                                                     "total_tokens": pt + completion}}) + "\n\n"
+        yield "data: [DONE]\n\n"
+    finally:  # the client went away (or we finished): free the slots
+        for r in reqs:
+            r.cancelled.set()
+        for t in tasks:
+            t.cancel()
+

@@ -1,0 +1,96 @@
+"""``lmpipe serve``: the OpenAI-compatible server under uvicorn.
+
+    lmpipe serve --model models:/lmpipe@champion|PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+The API key also comes from ``LMPIPE_API_KEY``. When the model is a registry alias the server
+watches it and swaps in the new version without downtime; ``POST /admin/reload`` forces a check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import field
+from typing import Literal
+
+from lmpipe import config as cfglib
+from lmpipe.config import stage_config
+from lmpipe.errors import ConfigError, LmpipeError
+from lmpipe.storage import StorageConfig
+from lmpipe.tracking import TrackingConfig
+
+
+@stage_config
+class ServeConfig:
+    model: str = "models:/lmpipe@champion"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # default: $LMPIPE_API_KEY; when set, every /v1 and /admin route needs it
+    backend: Literal["transformers", "vllm"] = "transformers"
+    max_tokens_limit: int = 512
+    max_n: int = 4
+    max_batch: int = 8  # requests decoded together
+    batch_wait_ms: float = 5.0  # how long the first request waits for company
+    max_queue: int = 64  # requests queued or decoding; past it, 429
+    watch_interval_s: float = 10.0  # registry alias polling (0: only /admin/reload)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+def resolve(cfg: ServeConfig) -> ServeConfig:
+    if cfg.api_key is None and os.environ.get("LMPIPE_API_KEY"):
+        cfg.api_key = os.environ["LMPIPE_API_KEY"]
+    if cfg.backend == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise ConfigError("backend=vllm needs vLLM installed (GPU machines: pip install vllm)") from None
+        raise ConfigError("backend=vllm: serve the export folder with `vllm serve PATH` (see README); "
+                          "lmpipe's built-in server uses the transformers backend")
+    return cfg
+
+
+def app_for(cfg: ServeConfig):
+    from serving.app import create_app
+
+    return create_app(resolve(cfg))
+
+
+def run(cfg: ServeConfig) -> int:
+    import uvicorn
+
+    cfg = resolve(cfg)
+    from lmpipe.log import log
+    from serving.app import create_app
+
+    log(f"serving {cfg.model} on http://{cfg.host}:{cfg.port} (OpenAI API at /v1; auth "
+        f"{'on' if cfg.api_key else 'off'})")
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or an exported model folder")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--api-key", help="require this bearer key (default: $LMPIPE_API_KEY)")
+    p.add_argument("--config", help="YAML or JSON config (a 'serve:' section is used if present)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. max_batch=16 watch_interval_s=5")
+
+
+def config_from_args(args) -> ServeConfig:
+    flags = {"model": args.model, "host": args.host, "port": args.port, "api_key": args.api_key}
+    extra = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    return cfglib.load(ServeConfig, args.config, [*args.overrides, *extra], section="serve")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="lmpipe serve")
+    add_arguments(p)
+    try:
+        return run(config_from_args(p.parse_args(argv)))
+    except LmpipeError as exc:
+        print(f"lmpipe serve: error: {exc}", file=sys.stderr)
+        return exc.exit_code
