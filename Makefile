@@ -66,6 +66,7 @@ bench: venv
 	$(PY) bench/tokenize.py
 	$(PY) bench/check_data.py
 	$(PY) bench/train.py
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf $(VENV) $(LMPIPE_HOME)

@@ -17,6 +17,8 @@ sys.path.insert(1, os.path.join(sys.path[0], "tests"))
 
 import argparse  # noqa: E402
 import concurrent.futures  # noqa: E402
+import contextlib  # noqa: E402
+import subprocess  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -70,9 +72,11 @@ def raw_generate(model_dir: Path, n: int, max_tokens: int) -> float:
 def load(base: str, name: str, n: int, clients: int, max_tokens: int):
     import httpx
 
+    http = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=clients))  # keep-alive, like real clients
+
     def one(i):
         t = time.perf_counter()
-        r = httpx.post(base + "/v1/completions", timeout=300, json={
+        r = http.post(base + "/v1/completions", json={
             "model": name, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0})
         r.raise_for_status()
         return r.json()["usage"]["completion_tokens"], time.perf_counter() - t
@@ -85,11 +89,32 @@ def load(base: str, name: str, n: int, clients: int, max_tokens: int):
     return sum(t for t, _ in results) / wall, lat
 
 
-def main() -> None:
-    from lmpipe import config
-    from serving.serve import ServeConfig
-    from serving_helpers import running
+@contextlib.contextmanager
+def server_process(model_dir: Path):
+    """``lmpipe serve`` in its own process, as in production (not sharing the client's GIL)."""
+    import httpx
 
+    from serving_helpers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmpipe.cli", "serve", "--model", str(model_dir), "--port", str(port),
+                             "watch_interval_s=0", "max_batch=8"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--requests", type=int, default=24)
@@ -97,8 +122,7 @@ def main() -> None:
     args = ap.parse_args()
     model_dir = Path(args.model) if args.model else default_model(Path(tempfile.mkdtemp(prefix="lmpipe-bench-serve-")))
     raw = raw_generate(model_dir, max(4, args.requests // 4), args.max_tokens)
-    cfg = config.build(ServeConfig, {"model": str(model_dir), "watch_interval_s": 0, "max_batch": 8})
-    with running(cfg) as base:
+    with server_process(model_dir) as base:
         load(base, model_dir.name, 2, 1, 8)  # warm up
         one, lat1 = load(base, model_dir.name, max(4, args.requests // 4), 1, args.max_tokens)
         eight, lat8 = load(base, model_dir.name, args.requests, 8, args.max_tokens)

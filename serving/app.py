@@ -202,7 +202,7 @@ def _build(body: CompletionRequest, cur, cfg, loop) -> tuple[list[engine.Request
         for j in range(body.n):
             seed = None if body.seed is None else body.seed + j
             reqs.append(engine.Request(cur, ids, body.max_tokens, body.temperature, body.top_p, seed, stops,
-                                       body.logprobs, pi * body.n + j, loop, asyncio.Queue()))
+                                       body.logprobs, pi * body.n + j, loop, asyncio.Queue(), stream=body.stream))
     return reqs, prompts
 
 
@@ -219,19 +219,15 @@ def _logprobs(tokens: list[dict], start: int, tok) -> dict:
 
 
 async def _collect(r: engine.Request, body, cur, prompt: str) -> dict:
-    text, tokens = "", []
     while True:
         ev = await r.events.get()
         if "error" in ev:
             return {"error": ev["error"], "_tokens": 0}
-        if "delta" in ev:
-            text += ev["delta"]
-            tokens.append(ev)
         if ev.get("done"):
             prefix = prompt if body.echo else ""
-            return {"text": prefix + text, "index": r.index, "finish_reason": ev["finish_reason"],
-                    "logprobs": _logprobs(tokens, len(prefix), cur.tokenizer) if body.logprobs is not None else None,
-                    "_tokens": ev.get("completion_tokens", len(tokens))}
+            lp = _logprobs(ev.get("tokens", []), len(prefix), cur.tokenizer) if body.logprobs is not None else None
+            return {"text": prefix + ev.get("text", ""), "index": r.index, "finish_reason": ev["finish_reason"],
+                    "logprobs": lp, "_tokens": ev.get("completion_tokens", 0)}
 
 
 async def _stream(request: Request, body, cur, reqs, prompts, cid: str, created: int):

@@ -78,6 +78,7 @@ class Request:
     events: asyncio.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
     released: bool = False
+    stream: bool = True  # False: one event at the end (no per-token traffic to the event loop)
 
     def emit(self, event: dict) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -174,30 +175,32 @@ class Batcher:
                         continue
                     tok, lp, top = _sample(logits[i], logp[i], greedy[i], r, gens[i])
                     nxt[i, 0] = tok
-                    s["ids"].append(tok)
-                    finish = None
-                    if tok == eos:
-                        finish = "stop"
-                    else:
+                    finish = "stop" if tok == eos else None
+                    if tok != eos:
+                        s["ids"].append(tok)
+                    if r.logprobs is not None:
+                        s.setdefault("tokens", []).append(
+                            {"token": m.tokenizer.decode([tok]) if tok != eos else "", "logprob": lp, "top": top})
+                    if finish is None and (r.stream or r.stop):  # text is needed every step only for these
                         s["text"] = m.tokenizer.decode(s["ids"], skip_special_tokens=True)
-                        for stop in r.stop:
-                            cut = s["text"].find(stop)
-                            if cut >= 0:
-                                s["text"], finish = s["text"][:cut], "stop"
-                                break
-                    if finish is None and len(s["ids"]) >= r.max_tokens:
+                        finish = _stop_hit(s, r.stop)
+                    n_out = len(s["ids"]) + (tok == eos)
+                    if finish is None and n_out >= r.max_tokens:
                         finish = "length"
-                    # hold back a possibly incomplete stop string or UTF-8 sequence while streaming
-                    safe = len(s["text"]) if finish else _safe_len(s["text"], r.stop)
-                    delta = s["text"][s["sent"]:safe]
-                    s["sent"] = max(s["sent"], safe)
-                    token = (m.tokenizer.decode([tok]) if tok != eos else "") if r.logprobs is not None else None
-                    r.emit({"delta": delta, "token": token, "logprob": lp, "top": top,
-                            "completion_tokens": len(s["ids"])})
+                    if finish and not (r.stream or r.stop):
+                        s["text"] = m.tokenizer.decode(s["ids"], skip_special_tokens=True)
+                    if r.stream:
+                        # hold back a possibly incomplete stop string or UTF-8 sequence
+                        safe = len(s["text"]) if finish else _safe_len(s["text"], r.stop)
+                        delta = s["text"][s["sent"]:safe]
+                        s["sent"] = max(s["sent"], safe)
+                        r.emit({"delta": delta, **(s["tokens"][-1] if r.logprobs is not None else {}),
+                                "completion_tokens": n_out})
                     if finish:
                         s["done"] = True
                         self.release(r)
-                        r.emit({"done": True, "finish_reason": finish, "completion_tokens": len(s["ids"])})
+                        r.emit({"done": True, "finish_reason": finish, "completion_tokens": n_out,
+                                "text": s["text"], "tokens": s.get("tokens", [])})
                 self.on_tokens(sum(1 for s in state if s["ids"]))
                 if all(s["done"] for s in state):
                     break
@@ -205,6 +208,15 @@ class Batcher:
                 pos = (mask.sum(-1, keepdim=True) - 1)
                 out = m.model(input_ids=nxt.to(dev), attention_mask=mask, position_ids=pos,
                               past_key_values=out.past_key_values, use_cache=True)
+
+
+def _stop_hit(s: dict, stops: list[str]) -> str | None:
+    for stop in stops:
+        cut = s["text"].find(stop)
+        if cut >= 0:
+            s["text"] = s["text"][:cut]
+            return "stop"
+    return None
 
 
 def _safe_len(text: str, stops: list[str]) -> int:
