@@ -67,8 +67,9 @@ def test_zero2_two_ranks_loss_falls_and_export(real_shards, tmp_path):
 
 
 def test_zero3_two_ranks_from_and_to_s3(real_shards, tmp_path, bucket, storage_cfg):
-    """ZeRO-3 partitions are gathered for export; shards are read from S3 (cached, verified) and the
-    run (checkpoints with their markers, export, metrics) is uploaded to the run's S3 prefix."""
+    """ZeRO-3 with optimizer and parameter offload and activation checkpointing; partitions are
+    gathered for export; shards are read from S3 (cached, verified) and the run (checkpoints with
+    their markers, export, metrics) is uploaded to the run's S3 prefix."""
     from lmpipe.storage import open_store
 
     src = open_store(f"s3://{bucket}/shards", storage_cfg)
@@ -77,9 +78,13 @@ def test_zero3_two_ranks_from_and_to_s3(real_shards, tmp_path, bucket, storage_c
             src.put_file(p.relative_to(real_shards).as_posix(), p)
     stage = tmp_path / "staging"
     rc, log = train(f"s3://{bucket}/shards", f"s3://{bucket}/runs/r1", "--zero-stage", "3", "max_steps=4",
-                    "save_every=2", f"storage.endpoint_url={storage_cfg.endpoint_url}", f"work_dir={stage}")
+                    "save_every=2", f"storage.endpoint_url={storage_cfg.endpoint_url}", f"work_dir={stage}",
+                    "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true",
+                    "deepspeed.activation_checkpointing=true")
     assert rc == 0, log
     assert "ZeRO-3" in log and "uploaded to s3://" in log
+    ds = json.loads((stage / "ds_config.json").read_text())["zero_optimization"]
+    assert ds["offload_optimizer"]["device"] == ds["offload_param"]["device"] == "cpu"
     assert_export_equals(stage, "step-00000004")
     assert len(list((stage / "cache" / "shards").glob("*.npy"))) > 1  # cached after the sha256 check
     run = open_store(f"s3://{bucket}/runs/r1", storage_cfg)
