@@ -148,8 +148,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> CheckConfig:
     flags = {"corpus": args.corpus, "shards": args.shards, "results": args.results, "run_id": args.run_id}
-    extra = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    return cfglib.load(CheckConfig, args.config, [*args.overrides, *extra], section="check")
+    return cfglib.from_cli(CheckConfig, args.config, args.overrides, flags, "check")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,6 +99,13 @@ def load(cls: type[T], path: str | Path | None, overrides: list[str] | None = No
     return build(cls, data, overrides)
 
 
+def from_cli(cls: type[T], config_path, overrides: list[str], flags: dict[str, Any], section: str) -> T:
+    """A stage config from its CLI: file (or its ``section``), then ``key=value`` overrides,
+    then the flags that were given (``None`` means not given)."""
+    extra = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    return load(cls, config_path, [*overrides, *extra], section=section)
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

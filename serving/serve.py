@@ -9,7 +9,6 @@ watches it and swaps in the new version without downtime; ``POST /admin/reload``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import field
@@ -82,8 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args) -> ServeConfig:
     flags = {"model": args.model, "host": args.host, "port": args.port, "api_key": args.api_key}
-    extra = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    return cfglib.load(ServeConfig, args.config, [*args.overrides, *extra], section="serve")
+    return cfglib.from_cli(ServeConfig, args.config, args.overrides, flags, "serve")
 
 
 def main(argv=None) -> int:

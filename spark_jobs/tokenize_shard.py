@@ -406,8 +406,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TokenizeConfig:
     flags = {"corpus": args.corpus, "out": args.out, "tokenizer.vocab_size": args.vocab_size,
              "seq_len": args.seq_len, "tokenizer.path": args.tokenizer, "spark_master": args.spark_master}
-    extra = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    return cfglib.load(TokenizeConfig, args.config, [*args.overrides, *extra], section="tokenize")
+    return cfglib.from_cli(TokenizeConfig, args.config, args.overrides, flags, "tokenize")
 
 
 def main(argv: list[str] | None = None) -> int:

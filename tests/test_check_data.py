@@ -14,7 +14,6 @@ from conftest import write_jsonl
 from lmpipe import check_data, config, manifest
 from lmpipe.shards import read_shard, write_shard
 from lmpipe.storage import open_store, sha256_file
-from spark_jobs import tokenize_shard
 
 pytestmark = pytest.mark.slow
 

@@ -118,7 +118,7 @@ def test_promotion_gate_and_rollback(registry):
     assert lines[0].split()[:4] == ["version", "aliases", "perplexity", "data"]
     assert any(line.split()[0] == v1 and "champion" in line.split()[1] for line in lines[1:]), table
     assert any(line.split()[0] == v2 and "#2" in line for line in lines[1:]), table
-    assert f"#3" in table and f"v{v1}  rollback from v{v2}" in table
+    assert "#3" in table and f"v{v1}  rollback from v{v2}" in table
 
 
 def test_report_renders_with_plot_and_table(registry):

@@ -200,8 +200,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args) -> EvalConfig:
     flags = {"model": args.model, "shards": args.shards, "out": args.out}
-    extra = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    return cfglib.load(EvalConfig, args.config, [*args.overrides, *extra], section="evaluate")
+    return cfglib.from_cli(EvalConfig, args.config, args.overrides, flags, "evaluate")
 
 
 def main(argv=None) -> int:

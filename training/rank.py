@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -56,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(run: Path) -> int:
     import deepspeed
-    import numpy as np
     import torch
     import torch.nn.functional as F
     from deepspeed import comm as dist

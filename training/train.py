@@ -175,8 +175,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     flags = {"shards": args.shards, "out": args.out, "recipe": args.recipe, "deepspeed.zero_stage": args.zero_stage,
              "launch.nproc": args.nproc, "launch.hostfile": args.hostfile, "fresh": True if args.fresh else None}
-    extra = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    return cfglib.load(TrainConfig, args.config, [*args.overrides, *extra], section="train")
+    return cfglib.from_cli(TrainConfig, args.config, args.overrides, flags, "train")
 
 
 def main(argv: list[str] | None = None) -> int:
