@@ -69,8 +69,7 @@ def run(cfg: CheckConfig) -> dict:
     is_file = False
     if kind == "corpus":
         try:
-            tables = metrics.corpus_tables(target, cfg)
-            is_file = _is_single_file(target, cfg)
+            tables, is_file = metrics.corpus_tables(target, cfg)
         except CorpusError as exc:  # missing or empty corpus: a failed check with a report, not a crash
             tables = metrics.empty_corpus_tables(target, str(exc))
         exps = suites.corpus_expectations(cfg)
@@ -105,13 +104,6 @@ def run(cfg: CheckConfig) -> dict:
         shutil.rmtree(local_dir, ignore_errors=True)
     log(summary(result))
     return result
-
-
-def _is_single_file(target: str, cfg: CheckConfig) -> bool:
-    from lmpipe import corpus
-
-    store, files, _ = corpus.resolve(target, cfg.storage)
-    return len(files) == 1 and store.url(files[0].key).rstrip("/") == target.rstrip("/")
 
 
 def _vocab(tables) -> int | None:

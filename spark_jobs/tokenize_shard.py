@@ -34,7 +34,7 @@ from lmpipe.config import stage_config
 from lmpipe.corpus import CorpusConfig
 from lmpipe.errors import ConfigError, CorpusError, LmpipeError, StorageError
 from lmpipe.log import log, warn
-from lmpipe.storage import StorageConfig, open_store
+from lmpipe.storage import StorageConfig, open_store, split_uri
 from lmpipe.tokenizer import TokenizerConfig
 
 DOC_BATCH = 512  # documents per Arrow batch handed to encode_batch
@@ -197,7 +197,7 @@ def _tokenizer(cfg: TokenizeConfig, store, files):
     from lmpipe import tokenizer as toklib
 
     if cfg.tokenizer.path:
-        parent, name = _parent(cfg.tokenizer.path)
+        parent, name = split_uri(cfg.tokenizer.path)
         try:
             text = open_store(parent, cfg.storage).get_bytes(name).decode("utf-8")
         except StorageError as exc:
@@ -223,12 +223,6 @@ def _tokenizer(cfg: TokenizeConfig, store, files):
         raise CorpusError(f"corpus {cfg.corpus} has zero usable documents (nothing to train a tokenizer on)")
     log(f"trained byte-level BPE tokenizer: vocab {tok.get_vocab_size()} in {time.monotonic() - t0:.1f}s")
     return tok
-
-
-def _parent(uri: str):
-    from lmpipe.storage import split_uri
-
-    return split_uri(uri)
 
 
 def _prepare_out(cfg: TokenizeConfig):

@@ -115,7 +115,7 @@ def train(run: Path) -> int:
             torch.set_rng_state(torch.load(rng, weights_only=True))
         _say(rank, f"resumed from {root / tags[-1]} at step {step} (data position {position})")
 
-    def save(final: bool = False) -> None:  # noqa: ARG001
+    def save() -> None:
         if not _params_finite(engine, dist):
             raise LmpipeError(f"the model has non-finite weights at step {step}: not checkpointing it")
         t = ckpt.tag(step)
@@ -211,7 +211,7 @@ def train(run: Path) -> int:
             f.close()
     latest = ckpt.committed(root)
     if not latest or latest[-1] != ckpt.tag(step):
-        save(final=True)
+        save()
     export.export(engine, run, data, resolved, rank, dist, step)
     _say(rank, f"done: {step} steps; model exported to {run / 'export'}")
     return 0

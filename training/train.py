@@ -65,7 +65,7 @@ def _check_resume(run: Path, cfg: TrainConfig) -> None:
                           "resume with the same settings, or pass --fresh to start over")
 
 
-def prepare(cfg: TrainConfig) -> Path:
+def prepare(cfg: TrainConfig) -> tuple[Path, dict]:
     """Validate, decide fresh vs resume, and write the resolved config into the run folder."""
     if not cfg.shards or not cfg.out:
         raise ConfigError("config keys 'shards' and 'out' are required (--shards URI --out URI)")
@@ -102,7 +102,7 @@ def prepare(cfg: TrainConfig) -> Path:
     log(f"{cfg.recipe}: {n:,} parameters; {b.micro} x {b.accum} accum x {world} ranks = {b.global_size} sequences "
         f"x {man['seq_len']} = {b.global_size * man['seq_len']:,} tokens per step; {cfg.max_steps} steps")
     log(ds_config.memory_table(n, world, prec))
-    return run
+    return run, man
 
 
 def _free_port() -> int:
@@ -124,9 +124,8 @@ def run(cfg: TrainConfig) -> int:
 
     from training import lineage
 
-    run_path = prepare(cfg)
+    run_path, man = prepare(cfg)
     resolved = json.loads((run_path / "resolved.json").read_text())
-    man = manifest.read(open_store(cfg.shards, cfg.storage))
     mlflow_run = lineage.start(cfg, run_path, man, resolved["model"])
     resolved["mlflow_run_id"] = mlflow_run
     (run_path / "resolved.json").write_text(json.dumps(resolved, indent=2))

@@ -30,9 +30,14 @@ CHUNK = 4 * 1024 * 1024
 # ---------------------------------------------------------------- corpus
 
 
-def corpus_tables(uri: str, cfg) -> dict[str, pd.DataFrame]:
-    """``files`` (one row per corpus file) and ``dataset`` (one row of totals)."""
+COUNTS = ("documents", "usable", "skipped", "null_text", "out_of_bounds", "duplicates")
+
+
+def corpus_tables(uri: str, cfg) -> tuple[dict[str, pd.DataFrame], bool]:
+    """``files`` (one row per corpus file) and ``dataset`` (one row of totals), and whether
+    ``uri`` named a single file (results then go beside it)."""
     store, files, _ignored = corpus.resolve(uri, cfg.storage)
+    single = len(files) == 1 and store.url(files[0].key).rstrip("/") == uri.rstrip("/")
     seen: set[bytes] = set()
     rows = []
     for i, obj in enumerate(files, 1):
@@ -54,19 +59,17 @@ def corpus_tables(uri: str, cfg) -> dict[str, pd.DataFrame]:
                 seen.add(h)
         except CorpusError as exc:
             row.update(readable=False, error=str(exc))
-        row.update({k: c[k] for k in ("documents", "usable", "skipped", "null_text", "out_of_bounds", "duplicates")})
+        row.update({k: c[k] for k in COUNTS})
         row.update(_fractions(c))
         rows.append(row)
         if i % 100 == 0:
             log(f"check-data: read {i}/{len(files)} corpus files")
     files_df = pd.DataFrame(rows)
-    total = Counter()
-    for r in rows:
-        total.update({k: r[k] for k in ("documents", "usable", "skipped", "null_text", "out_of_bounds", "duplicates")})
+    total = Counter({k: sum(r[k] for r in rows) for k in COUNTS})
     dataset = {"corpus": uri, "files": len(rows), "unreadable_files": sum(not r["readable"] for r in rows),
-               **{f"{k}_documents" if k in ("usable",) else k: total[k] for k in total}, **_fractions(total)}
-    dataset.setdefault("usable_documents", 0)
-    return {"dataset": pd.DataFrame([dataset]), "files": files_df}
+               **{k: total[k] for k in COUNTS if k != "usable"}, "usable_documents": total["usable"],
+               **_fractions(total)}
+    return {"dataset": pd.DataFrame([dataset]), "files": files_df}, single
 
 
 def empty_corpus_tables(uri: str, error: str) -> dict[str, pd.DataFrame]:
