@@ -360,6 +360,31 @@ def open_store(uri: str | Path, cfg: StorageConfig | None = None) -> Store:
     raise StorageError(f"unsupported storage URI {uri!r}: use a local path, file:// or s3://bucket/prefix")
 
 
+def copy(src: Store, key: str, dst: Store, dst_key: str | None = None) -> None:
+    """Copy one object between stores: a server-side copy within one S3 endpoint, a hard link
+    (or copy) between local folders, a download and upload otherwise."""
+    dst_key = dst_key or key
+    if isinstance(src, S3Store) and isinstance(dst, S3Store) and src.cfg == dst.cfg:
+        with dst._errors("copy", dst_key):
+            dst.client.copy({"Bucket": src.bucket, "Key": src._key(key)}, dst.bucket, dst._key(dst_key),
+                            ExtraArgs={"ChecksumAlgorithm": "SHA256"})
+        return
+    if isinstance(src, LocalStore) and isinstance(dst, LocalStore):
+        source, target = src.path(key), dst.path(dst_key)
+        if not source.is_file():
+            raise StorageError(f"no object {src.url(key)}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".lmpipe-tmp-{os.getpid()}-{target.name}")
+        try:
+            os.link(source, tmp)  # shards are immutable once published: sharing the inode is safe
+        except OSError:
+            shutil.copyfile(source, tmp)
+        _publish(str(tmp), target)
+        return
+    with tempfile.TemporaryDirectory(prefix="lmpipe-copy-") as d:
+        dst.put_file(dst_key, src.get_file(key, Path(d) / "obj"))
+
+
 def split_uri(uri: str | Path) -> tuple[str, str]:
     """``s3://b/a/c.txt`` -> (``s3://b/a``, ``c.txt``): the parent URI and the last name."""
     uri = str(uri).rstrip("/")

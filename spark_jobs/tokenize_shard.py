@@ -35,6 +35,7 @@ from lmpipe.corpus import CorpusConfig
 from lmpipe.errors import ConfigError, CorpusError, LmpipeError, StorageError
 from lmpipe.log import log, warn
 from lmpipe.storage import StorageConfig, open_store, split_uri
+from lmpipe.storage import copy as copy_object
 from lmpipe.tokenizer import TokenizerConfig
 
 DOC_BATCH = 512  # documents per Arrow batch handed to encode_batch
@@ -55,6 +56,9 @@ class TokenizeConfig:
     compression: Literal["zstd", "snappy", "none"] = "zstd"
     dedup: bool = True
     overwrite: bool = False  # replace a published shard set under ``out``
+    # A previous shard set of the same corpus: tokenize only the corpus files it has not seen
+    # (e.g. new date partitions), with its tokenizer, and merge its shards into ``out``.
+    base: str | None = None
     run_id: str | None = None
     reader: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -109,7 +113,8 @@ def _hash_docs(corpus_uri: str, storage: StorageConfig, reader: CorpusConfig, pl
     return fn
 
 
-def _pack(cfg: TokenizeConfig, corpus_uri: str, tokenizer_json: str, eos_id: int, vocab_size: int, plan, drop):
+def _pack(cfg: TokenizeConfig, corpus_uri: str, tokenizer_json: str, eos_id: int, vocab_size: int, plan, drop,
+          part_offset: int = 0):
     """mapInArrow, stage 2: read tasks -> tokenized, packed shards written to storage by the task
     itself; returns one row per shard plus one stats row. ``drop`` is a broadcast
     {task: record indexes} of exact duplicates found in stage 1."""
@@ -127,7 +132,7 @@ def _pack(cfg: TokenizeConfig, corpus_uri: str, tokenizer_json: str, eos_id: int
         for task, segments in _tasks(batches, plan):
             dropped = set(drop.value.get(task, ())) if drop is not None else set()
             packers = {
-                s: Packer(s, task, cfg.seq_len, dtype, cfg.shard_sequences, lambda tmp, rel: out.put_file(rel, tmp),
+                s: Packer(s, part_offset + task, cfg.seq_len, dtype, cfg.shard_sequences, lambda tmp, rel: out.put_file(rel, tmp),
                           cfg.compression, eos_id)
                 for s in manifest.SPLITS
             }
@@ -242,9 +247,38 @@ def _prepare_out(cfg: TokenizeConfig):
     return out
 
 
+def _base(cfg: TokenizeConfig) -> tuple[dict | None, object]:
+    """The base shard set's manifest and store (``base=``), checked against this run's settings."""
+    if not cfg.base:
+        return None, None
+    store = open_store(cfg.base, cfg.storage)
+    m = manifest.read(store)
+    if "file_list" not in m["input"]:
+        raise LmpipeError(f"base shard set {cfg.base} does not list its corpus files (written by an older lmpipe): "
+                          "tokenize the whole corpus once without base=")
+    if m["input"]["uri"].rstrip("/") != cfg.corpus.rstrip("/"):
+        raise ConfigError(f"config key 'base': {cfg.base} was tokenized from {m['input']['uri']}, not {cfg.corpus}")
+    if m["seq_len"] != cfg.seq_len:
+        raise ConfigError(f"config key 'seq_len' is {cfg.seq_len} but base {cfg.base} has seq_len {m['seq_len']}")
+    return m, store
+
+
+def _parts(m: dict) -> int:
+    """One past the highest read-task number in a manifest's shard names (part-TTTTT-NNNNN)."""
+    return 1 + max((int(sh["path"].split("/")[1].split("-")[1]) for sp in m["splits"].values()
+                    for sh in sp["shards"]), default=-1)
+
+
+def _copy_base(base_store, base_m: dict, out) -> None:
+    keys = [sh["path"] for sp in base_m["splits"].values() for sh in sp["shards"]]
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: copy_object(base_store, k, out), keys))
+    log(f"merged {len(keys)} shards of the base shard set {base_store.uri} in {time.monotonic() - t0:.1f}s")
+
+
 def run(cfg: TokenizeConfig) -> dict:
     """Tokenize ``cfg.corpus`` into shards under ``cfg.out``; return the manifest written last."""
-    from lmpipe import sparkutil
     from lmpipe.tokenizer import sha256_text
 
     check(cfg)
@@ -255,46 +289,53 @@ def run(cfg: TokenizeConfig) -> dict:
     if ignored:
         warn(f"ignoring {len(ignored)} files that are not corpus files, e.g. {ignored[:3]}")
     log(f"corpus {cfg.corpus}: {len(files)} files, {total_bytes / 1e6:.1f} MB")
+    base_m, base_store = _base(cfg)
+    todo = files
+    if base_m:
+        seen = {f["key"]: f["size"] for f in base_m["input"]["file_list"]}
+        changed = [o.key for o in files if o.key in seen and seen[o.key] != o.size]
+        if changed:
+            warn(f"{len(changed)} corpus files changed size since the base was tokenized; their old content is "
+                 f"kept and they are not re-read, e.g. {changed[:3]}")
+        todo = [o for o in files if o.key not in seen]
+        log(f"incremental: {len(todo)} new corpus files ({sum(o.size for o in todo) / 1e6:.1f} MB) on top of base "
+            f"{cfg.base} ({len(seen)} files); reusing its tokenizer")
+        tok_eos = base_m["config"].get("tokenizer", {}).get("eos_token", cfg.tokenizer.eos_token)
+        cfg = replace(cfg, tokenizer=replace(cfg.tokenizer, path=f"{base_store.uri}/{base_m['tokenizer']['path']}",
+                                             eos_token=tok_eos))
     out = _prepare_out(cfg)
 
     # The JVM and Python workers take ~10 s to start: overlap that with tokenizer training.
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    spark_future = pool.submit(_start_spark, cfg, run_id)
+    spark_future = pool.submit(_start_spark, cfg, run_id) if todo else None
+    pool.shutdown(wait=False)
     tok = _tokenizer(cfg, cstore, files)
     tok_json = tok.to_str()
     eos_id, vocab_size = tok.token_to_id(cfg.tokenizer.eos_token), tok.get_vocab_size()
     out.put_bytes("tokenizer.json", tok_json.encode())
+    if base_m and sha256_text(tok_json) != base_m["tokenizer"]["sha256"]:
+        raise LmpipeError(f"base {cfg.base}: tokenizer.json does not match the sha256 in its manifest")
 
-    tasks = corpus.plan_tasks(files, cfg.partition_mb * 1024 * 1024)
-    spark = spark_future.result()
-    pool.shutdown()
-    sc = spark.sparkContext
-    log(f"spark {spark.version} master {sc.master}: {len(tasks)} read tasks, seq_len {cfg.seq_len}")
-    # One read task per partition; shard names follow the task index, never the cluster size.
-    task_df = spark.range(0, len(tasks), numPartitions=len(tasks))
-    plan = sc.broadcast(tasks)
-    try:
-        drop = None
-        if cfg.dedup:
-            with sparkutil.progress(spark, "dedup (hashing documents)"):
-                drop = sc.broadcast(_duplicates(task_df.mapInArrow(_hash_docs(cstore.uri, cfg.storage, cfg.reader, plan), HASH_DDL)))
-        with sparkutil.progress(spark, "tokenize"):
-            rows = task_df.mapInArrow(_pack(cfg, cstore.uri, tok_json, eos_id, vocab_size, plan, drop), RESULT_DDL).collect()
-    except Exception as exc:
-        for marker, kind in (("CorpusError", CorpusError), ("StorageError", StorageError), ("LmpipeError", LmpipeError)):
-            if msg := sparkutil.task_error_message(exc, marker):
-                raise kind(msg) from None
-        raise
+    rows, spark_info = ([], {"version": None, "master": None, "tasks": 0})
+    if spark_future:
+        rows, spark_info = _spark_pack(cfg, cstore, todo, tok_json, eos_id, vocab_size, spark_future.result(),
+                                       _parts(base_m) if base_m else 0)
     elapsed = time.monotonic() - t0
 
     stats = Counter()
     for r in rows:
         if r["kind"] == "stats":
             stats.update(json.loads(r["stats"]))
-    log("task seconds (summed over tasks): " + ", ".join(f"{k[8:]} {v:.1f}" for k, v in sorted(stats.items()) if k.startswith("seconds.")))
+    if rows:
+        log("task seconds (summed over tasks): " + ", ".join(f"{k[8:]} {v:.1f}" for k, v in sorted(stats.items()) if k.startswith("seconds.")))
     used = stats["train.documents"] + stats["validation.documents"]
-    if used == 0:
-        raise CorpusError(f"corpus {cfg.corpus} has zero usable documents: skipped {_skipped(stats) or 'none'}")
+    if todo and used == 0:
+        raise CorpusError(f"corpus {cfg.corpus} has zero usable documents"
+                          f"{' in its new files' if base_m else ''}: skipped {_skipped(stats) or 'none'}")
+    if base_m:
+        _copy_base(base_store, base_m, out)
+        stats.update({k: v for k, v in base_m["input"].items() if k in ("documents_read", "duplicates_removed")})
+        stats.update({"skipped." + k: v for k, v in base_m["input"]["skipped"].items()})
     splits = {}
     for split in manifest.SPLITS:
         shards = sorted(
@@ -302,14 +343,14 @@ def run(cfg: TokenizeConfig) -> dict:
              if r["kind"] == "shard" and r["split"] == split),
             key=lambda s: s["path"],
         )
+        prev = base_m["splits"][split] if base_m else {"shards": []}
+        shards = sorted(prev["shards"] + shards, key=lambda s: s["path"])
         splits[split] = {
             "sequences": sum(s["sequences"] for s in shards),
             "tokens": sum(s["tokens"] for s in shards),
-            "documents": stats[f"{split}.documents"],
-            "document_tokens": stats[f"{split}.document_tokens"],
-            "dropped_tokens": stats[f"{split}.dropped_tokens"],
-            "dropped_documents": stats[f"{split}.dropped_documents"],
             "shards": shards,
+            **{k: stats[f"{split}.{k}"] + prev.get(k, 0)
+               for k in ("documents", "document_tokens", "dropped_tokens", "dropped_documents")},
         }
         if not shards:
             warn(f"the {split} split has no full sequence: too little data for seq_len {cfg.seq_len}")
@@ -324,23 +365,54 @@ def run(cfg: TokenizeConfig) -> dict:
         "input": {
             "uri": cfg.corpus,
             "files": len(files),
+            "new_files": len(todo),
             "bytes": total_bytes,
             "ignored_files": ignored,
+            "file_list": ((base_m["input"]["file_list"] if base_m else [])
+                          + [{"key": o.key, "size": o.size} for o in todo]),
             "documents_read": stats["documents_read"],
-            "documents_used": used,
+            "documents_used": splits["train"]["documents"] + splits["validation"]["documents"],
             "duplicates_removed": stats["duplicates_removed"],
             "skipped": _skipped(stats),
         },
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "run_id": run_id,
         "elapsed_s": round(elapsed, 2),
-        "spark": {"version": spark.version, "master": sc.master, "tasks": len(tasks)},
+        "spark": spark_info,
         "config": resolved,
     }
+    if base_m:
+        m["base"] = {"uri": base_store.uri, "run_id": base_m["run_id"]}
     out.put_bytes("tokenize_config.json", cfglib.dump(replace(cfg, run_id=run_id)).encode())
     url = manifest.write(out, m)  # last: this publishes the shard set
     log(summary(m, url))
     return m
+
+
+def _spark_pack(cfg: TokenizeConfig, cstore, files, tok_json: str, eos_id: int, vocab_size: int, spark,
+                part_offset: int) -> tuple[list, dict]:
+    """Steps 2-4 on Spark: one read task per partition; shard names follow the task index, never the cluster size."""
+    from lmpipe import sparkutil
+
+    tasks = corpus.plan_tasks(files, cfg.partition_mb * 1024 * 1024)
+    sc = spark.sparkContext
+    log(f"spark {spark.version} master {sc.master}: {len(tasks)} read tasks, seq_len {cfg.seq_len}")
+    task_df = spark.range(0, len(tasks), numPartitions=len(tasks))
+    plan = sc.broadcast(tasks)
+    try:
+        drop = None
+        if cfg.dedup:
+            with sparkutil.progress(spark, "dedup (hashing documents)"):
+                drop = sc.broadcast(_duplicates(task_df.mapInArrow(_hash_docs(cstore.uri, cfg.storage, cfg.reader, plan), HASH_DDL)))
+        with sparkutil.progress(spark, "tokenize"):
+            rows = task_df.mapInArrow(_pack(cfg, cstore.uri, tok_json, eos_id, vocab_size, plan, drop, part_offset),
+                                      RESULT_DDL).collect()
+    except Exception as exc:
+        for marker, kind in (("CorpusError", CorpusError), ("StorageError", StorageError), ("LmpipeError", LmpipeError)):
+            if msg := sparkutil.task_error_message(exc, marker):
+                raise kind(msg) from None
+        raise
+    return rows, {"version": spark.version, "master": sc.master, "tasks": len(tasks)}
 
 
 def _start_spark(cfg: TokenizeConfig, run_id: str):
@@ -392,6 +464,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, help="vocab size of the BPE tokenizer to train")
     p.add_argument("--seq-len", type=int, help="tokens per training sequence (each row holds seq_len + 1)")
     p.add_argument("--tokenizer", help="an existing tokenizer.json to use instead of training one")
+    p.add_argument("--base", help="a previous shard set of this corpus: tokenize only new files and merge (incremental)")
     p.add_argument("--spark-master", help="local[*] (default), spark://host:7077, k8s://...")
     p.add_argument("--config", help="YAML or JSON config file (a 'tokenize:' section is used if present)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. reader.text_field=body")
@@ -399,7 +472,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TokenizeConfig:
     flags = {"corpus": args.corpus, "out": args.out, "tokenizer.vocab_size": args.vocab_size,
-             "seq_len": args.seq_len, "tokenizer.path": args.tokenizer, "spark_master": args.spark_master}
+             "seq_len": args.seq_len, "tokenizer.path": args.tokenizer, "spark_master": args.spark_master, "base": args.base}
     return cfglib.from_cli(TokenizeConfig, args.config, args.overrides, flags, "tokenize")
 
 

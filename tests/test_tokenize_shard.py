@@ -192,3 +192,43 @@ def test_spark_submit_runs_the_job(tmp_path, demo_corpus_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     m = manifest.read(open_store(tmp_path / "o"))
     assert m["spark"]["master"] == "local[2]" and m["splits"]["train"]["sequences"] > 0
+
+
+def test_incremental_run_tokenizes_only_new_partitions_and_merges(tmp_path, demo_corpus_dir, bucket, storage_cfg):
+    lines = next(Path(demo_corpus_dir).glob("*.jsonl")).read_text().splitlines()
+    day1, day2 = lines[: len(lines) // 2][:400], lines[len(lines) // 2:][:300]
+    src = open_store(f"s3://{bucket}/corpus", storage_cfg)
+    local = tmp_path / "corpus"
+    write_jsonl(local / "date=2026-11-20" / "part-0.jsonl", day1)
+    src.put_file("date=2026-11-20/part-0.jsonl", local / "date=2026-11-20" / "part-0.jsonl")
+    first = run(f"s3://{bucket}/corpus", f"s3://{bucket}/runs/1/shards", storage_cfg)
+    write_jsonl(local / "date=2026-11-21" / "part-0.jsonl", day2)
+    src.put_file("date=2026-11-21/part-0.jsonl", local / "date=2026-11-21" / "part-0.jsonl")
+
+    second = run(f"s3://{bucket}/corpus", f"s3://{bucket}/runs/2/shards", storage_cfg, base=f"s3://{bucket}/runs/1/shards")
+    assert second["input"]["new_files"] == 1 and second["input"]["files"] == 2
+    assert second["base"]["run_id"] == first["run_id"]
+    assert second["tokenizer"]["sha256"] == first["tokenizer"]["sha256"]
+    assert second["input"]["documents_read"] == len(day1) + len(day2)
+    out2 = open_store(f"s3://{bucket}/runs/2/shards", storage_cfg)
+    assert manifest.read(out2) == second
+    for split in ("train", "validation"):
+        old = {s["path"]: s for s in first["splits"][split]["shards"]}
+        new = {s["path"]: s for s in second["splits"][split]["shards"]}
+        assert set(old) < set(new)  # the base's shards are all there, under their own names
+        assert all(new[p] == old[p] and out2.sha256(p) == old[p]["sha256"] for p in old)
+        assert second["splits"][split]["sequences"] == sum(s["sequences"] for s in new.values())
+    # the new shards hold exactly day 2, tokenized with day 1's tokenizer
+    (tmp_path / "tok.json").write_bytes(open_store(f"s3://{bucket}/runs/1/shards", storage_cfg).get_bytes("tokenizer.json"))
+    alone = run(local / "date=2026-11-21", tmp_path / "alone", tokenizer={"path": f"{tmp_path}/tok.json"})
+    added = [s for s in second["splits"]["train"]["shards"] if s not in first["splits"]["train"]["shards"]]
+    assert sorted(s["sha256"] for s in added) == sorted(s["sha256"] for s in alone["splits"]["train"]["shards"])
+
+    # nothing new: no Spark work, the same shard set again
+    third = run(f"s3://{bucket}/corpus", f"s3://{bucket}/runs/3/shards", storage_cfg, base=f"s3://{bucket}/runs/2/shards")
+    assert third["input"]["new_files"] == 0 and third["splits"] == second["splits"]
+
+    with pytest.raises(config.ConfigError, match="seq_len"):
+        run(f"s3://{bucket}/corpus", f"s3://{bucket}/runs/4/shards", storage_cfg, base=f"s3://{bucket}/runs/2/shards",
+            seq_len=32)
+    assert not open_store(f"s3://{bucket}/runs/4/shards", storage_cfg).exists("manifest.json")
