@@ -65,6 +65,14 @@ def test_zero2_two_ranks_loss_falls_and_export(real_shards, tmp_path):
     assert tags(out) == ["step-00000040", "step-00000080"]
     assert_export_equals(out, "step-00000080")
 
+    # warm start from that export: the first step starts where the first run ended, not from scratch
+    warm = tmp_path / "warm"
+    rc, log = train(real_shards, warm, "max_steps=2", "log_every=1", f"init_from={out / 'export'}")
+    assert rc == 0 and "warm start" in log, log
+    assert metrics(warm)[0]["loss"] < m[0]["loss"] - 0.8, (metrics(warm)[0], m[0])
+    rc, log = train(real_shards, tmp_path / "warm2", "model.num_layers=1", f"init_from={out / 'export'}")
+    assert rc == 1 and "model shape differs from recipe 'tiny' at num_layers" in log, log
+
 
 def test_zero3_two_ranks_from_and_to_s3(real_shards, tmp_path, bucket, storage_cfg):
     """ZeRO-3 with optimizer and parameter offload and activation checkpointing; partitions are

@@ -64,6 +64,9 @@ class TrainConfig:
     nan_abort_after: int = 5  # abort after this many consecutive non-finite losses
     prefetch: int = 4  # micro-batches prepared ahead by the loader thread
     fresh: bool = False  # start over in a folder that already holds a run
+    # Warm start: initial weights from a model folder, s3:// prefix or models:/NAME@ALIAS (e.g. the
+    # champion). Same recipe/model shape and tokenizer required. Ignored when resuming a checkpoint.
+    init_from: str | None = None
     work_dir: str | None = None  # local staging when ``out`` is on S3 (default: $LMPIPE_HOME/runs/...)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

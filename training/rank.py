@@ -81,6 +81,15 @@ def train(run: Path) -> int:
     mcfg = cfglib.build(recipes.ModelConfig, resolved["model"])
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = recipes.build_model(mcfg, vocab, eos)
+    tags = ckpt.committed(run / "checkpoints")
+    if resolved.get("init_weights") and not tags:
+        from safetensors.torch import load_file
+
+        missing, unexpected = model.load_state_dict(load_file(resolved["init_weights"]["path"]), strict=False)
+        tied = {"lm_head.weight"} if mcfg.tie_embeddings else set()
+        if unexpected or set(missing) - tied:
+            raise LmpipeError(f"init_from: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+        _say(rank, f"warm start: weights from {resolved['init_weights']['ref']}")
     if cfg.deepspeed.activation_checkpointing:
         model.gradient_checkpointing_enable()
     n_params = sum(p.numel() for p in model.parameters())
@@ -99,7 +108,6 @@ def train(run: Path) -> int:
 
     step, position, nan_streak = 0, 0, 0
     root = run / "checkpoints"
-    tags = ckpt.committed(root)
     if tags:
         marker = ckpt.verify(root, tags[-1])
         try:

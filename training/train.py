@@ -65,6 +65,27 @@ def _check_resume(run: Path, cfg: TrainConfig) -> None:
                           "resume with the same settings, or pass --fresh to start over")
 
 
+def _init_weights(cfg: TrainConfig, model: dict, man: dict) -> dict:
+    """Resolve ``init_from`` to a local safetensors file, refusing a model of another shape or tokenizer."""
+    from training.evaluate import EvalConfig, resolve_model
+
+    path, info = resolve_model(cfg.init_from, EvalConfig(storage=cfg.storage, tracking=cfg.tracking))
+    meta_file = path / "lmpipe.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("tokenizer_sha256") != man["tokenizer"]["sha256"]:
+        raise LmpipeError(f"init_from {cfg.init_from}: its tokenizer differs from the shards' tokenizer "
+                          f"(sha256 {str(meta.get('tokenizer_sha256'))[:12]} vs {man['tokenizer']['sha256'][:12]}): "
+                          "warm start needs shards made with the same tokenizer (tokenize with base=)")
+    if meta.get("model") != model:
+        diff = sorted(k for k in set(model) | set(meta.get("model") or {}) if model.get(k) != (meta.get("model") or {}).get(k))
+        raise LmpipeError(f"init_from {cfg.init_from}: model shape differs from recipe {cfg.recipe!r} at {', '.join(diff)}")
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise LmpipeError(f"init_from {cfg.init_from}: no model.safetensors in {path}")
+    log(f"warm start from {cfg.init_from}" + (f" (version {info['version']})" if info.get("version") else ""))
+    return {"ref": cfg.init_from, "path": str(weights), "version": str(info.get("version") or "")}
+
+
 def prepare(cfg: TrainConfig) -> tuple[Path, dict]:
     """Validate, decide fresh vs resume, and write the resolved config into the run folder."""
     if not cfg.shards or not cfg.out:
@@ -94,9 +115,11 @@ def prepare(cfg: TrainConfig) -> tuple[Path, dict]:
             log(f"resuming {cfg.out} from checkpoint {tags[-1]}")
         elif (run / "checkpoints").exists() or (run / "metrics.jsonl").exists():
             warn(f"{cfg.out} has no committed checkpoint: starting from step 0")
+    init = _init_weights(cfg, model, man) if cfg.init_from and not ckpt.committed(run / "checkpoints") else None
     (run / "train_config.json").write_text(cfglib.dump(cfg))
     (run / "resolved.json").write_text(json.dumps({"recipe": cfg.recipe, "model": model, "world_size": world,
-                                                   "precision": prec, "shards_manifest": man["run_id"]}, indent=2))
+                                                   "precision": prec, "shards_manifest": man["run_id"],
+                                                   "init_weights": init}, indent=2))
     (run / "ds_config.json").write_text(json.dumps(ds, indent=2))
     n = recipes.param_count(cfglib.build(recipes.ModelConfig, model), man["tokenizer"]["vocab_size"])
     log(f"{cfg.recipe}: {n:,} parameters; {b.micro} x {b.accum} accum x {world} ranks = {b.global_size} sequences "
