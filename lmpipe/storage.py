@@ -99,6 +99,7 @@ class Store:
     def list(self, prefix: str = "") -> list[ObjectInfo]: ...
     def exists(self, key: str) -> bool: ...
     def delete_prefix(self, prefix: str) -> int: ...
+    def children(self, prefix: str) -> list[str]: ...  # names of the immediate sub-folders of prefix
 
     def url(self, key: str = "") -> str:
         key = check_key(key) if key else ""
@@ -198,6 +199,10 @@ class LocalStore(Store):
                 p = Path(dirpath) / name
                 out.append(ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size))
         return sorted(out, key=lambda o: o.key)
+
+    def children(self, prefix: str) -> list[str]:
+        base = self.path(prefix) if prefix else self.root
+        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
     def delete_prefix(self, prefix: str) -> int:
         target = self.path(prefix) if prefix else self.root
@@ -337,6 +342,16 @@ class S3Store(Store):
                     for obj in page.get("Contents", []):
                         out.append(ObjectInfo(obj["Key"][strip:], obj["Size"]))
         return sorted(out, key=lambda o: o.key)
+
+    def children(self, prefix: str) -> list[str]:
+        full = (self._key(prefix) if prefix else self.prefix).strip("/")
+        full = full + "/" if full else ""
+        out = []
+        with self._errors("list", prefix):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full, Delimiter="/")
+            for page in pages:
+                out += [cp["Prefix"][len(full):].rstrip("/") for cp in page.get("CommonPrefixes", [])]
+        return sorted(out)
 
     def delete_prefix(self, prefix: str) -> int:
         objs = self.list(prefix)

@@ -6,7 +6,7 @@ import boto3
 import pytest
 
 from lmpipe.errors import StorageError, UnsafeKeyError
-from lmpipe.storage import StorageConfig, check_key, open_store
+from lmpipe.storage import StorageConfig, check_key, copy, open_store
 
 
 def _stores(tmp_path, bucket, storage_cfg):
@@ -28,6 +28,12 @@ def test_put_get_list_exists_delete(tmp_path, bucket, storage_cfg, kind):
     assert store.get_bytes("a/b/two.txt") == b"hello"
     assert store.get_file("a/one.bin", tmp_path / "dl" / "one.bin").read_bytes() == b"x" * 1000
     assert store.sha256("c.txt") == hashlib.sha256(b"top").hexdigest()
+    assert store.children("") == ["a"] and store.children("a") == ["b"] and store.children("nope") == []
+    other = _stores(tmp_path, bucket, storage_cfg)["s3" if kind != "s3" else "local"]
+    copy(store, "a/b/two.txt", other, "copied/two.txt")  # across kinds: download and upload
+    copy(store, "a/one.bin", store, "same/one.bin")  # within a kind: server-side copy or hard link
+    assert other.get_bytes("copied/two.txt") == b"hello" and store.get_bytes("same/one.bin") == b"x" * 1000
+    store.delete_prefix("same")
     assert store.delete_prefix("a") == 2
     assert [o.key for o in store.list()] == ["c.txt"]
     with pytest.raises(StorageError, match="no object"):

@@ -1,0 +1,178 @@
+"""lm_pipeline end to end under ``airflow dags test``: real Airflow (SQLite metadata DB), real
+spark-submit on local[2], real DeepSpeed ranks, real MLflow registry."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_jsonl
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+INJECT = "$(touch {canary}); rm -rf ~"
+
+
+def airflow(env: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "airflow"), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=env["HOME"])
+
+
+def conf(corpus: Path, output: str, **kw) -> str:
+    return json.dumps({"corpus": str(corpus), "output": output, "vocab_size": 400, "seq_len": 64, "max_steps": 6,
+                       "nproc": 2, "warm_start": False, "overrides": ["micro_batch_size=4", "log_every=2"], **kw})
+
+
+def cli_json(r: subprocess.CompletedProcess):
+    """The JSON document an ``airflow ... -o json`` command printed (after any log lines)."""
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(next(x for x in reversed(r.stdout.splitlines()) if x.startswith(("[", "{"))))
+
+
+def runs(env: dict) -> list[dict]:
+    return sorted(cli_json(airflow(env, "dags", "list-runs", "lm_pipeline", "-o", "json")),
+                  key=lambda x: x["start_date"] or "")
+
+
+def task_states(env: dict, run_id: str) -> dict:
+    r = airflow(env, "tasks", "states-for-dag-run", "lm_pipeline", run_id, "-o", "json")
+    return {t["task_id"]: t["state"] for t in cli_json(r)}
+
+
+def champion(env: dict) -> str | None:
+    r = subprocess.run([sys.executable, "-m", "lmpipe.cli", "models"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    for line in r.stdout.splitlines():
+        if "champion" in line and line.split()[0].isdigit():
+            return line.split()[0]
+    return None
+
+
+@pytest.fixture(scope="module")
+def af(tmp_path_factory, demo_corpus_dir):
+    """An Airflow home with a migrated SQLite DB, the project's DAGs, and a HOME with a sentinel."""
+    root = tmp_path_factory.mktemp("af")
+    home = root / "home"
+    home.mkdir()
+    (home / "sentinel").write_text("rm -rf ~ must never reach this")
+    lines = next(Path(demo_corpus_dir).glob("*.jsonl")).read_text().splitlines()[:500]
+    corpus = write_jsonl(root / "corpus" / "date=2026-11-20" / "part-0.jsonl", lines).parent.parent
+    env = {**os.environ, "HOME": str(home), "AIRFLOW_HOME": str(root / "airflow"),
+           "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
+           "LMPIPE_HOME": str(root / "lmpipe"), "PYTHONPATH": str(REPO)}
+    r = airflow(env, "db", "migrate")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return {"env": env, "root": root, "corpus": corpus}
+
+
+@pytest.fixture(scope="module")
+def first_run(af):
+    root, env = af["root"], af["env"]
+    output = f"{root}/out/" + INJECT.format(canary=root / "pwned")  # a hostile path param
+    r = airflow(env, "dags", "test", "lm_pipeline", "-c", conf(af["corpus"], output), timeout=900)
+    log = r.stdout + r.stderr
+    (root / "first_run.log").write_text(log)
+    return {"rc": r.returncode, "log": log, "output": output, "run": runs(env)[-1]}
+
+
+def test_dags_test_runs_end_to_end_and_leaves_a_champion(af, first_run):
+    run, log = first_run["run"], first_run["log"]
+    assert run["state"] == "success", log[-6000:]
+    assert set(task_states(af["env"], run["run_id"]).values()) == {"success"}
+    assert champion(af["env"]) is not None
+    out = Path(first_run["output"]) / "runs" / run["run_id"].replace(":", "_").replace("+", "_")
+    assert json.loads((out / "COMPLETED.json").read_text())["decision"] == "promoted"
+    assert (out / "shards" / "manifest.json").is_file() and (out / "train" / "export" / "model.safetensors").is_file()
+    # each task's log ends with links to what it produced
+    for what in ("data docs: file://", "shard manifest: file://", "mlflow run: http", "model version: http",
+                 "report: file://"):
+        assert f"lmpipe:   {what}" in log, what
+    assert "promotion promoted" in log
+
+
+def test_hostile_param_value_is_never_run_by_a_shell(af, first_run):
+    assert first_run["run"]["state"] == "success"
+    assert not (af["root"] / "pwned").exists()
+    assert (af["root"] / "home" / "sentinel").is_file()
+    assert Path(first_run["output"]).is_dir()  # the value was used literally, as a folder name
+
+
+def test_corrupt_shard_fails_check_shards_and_never_trains(af, first_run):
+    """A spark-submit on PATH that runs the real job, then flips bytes in one shard it wrote."""
+    env, root = dict(af["env"]), af["root"]
+    before = champion(env)
+    bindir = root / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "spark-submit"
+    wrapper.write_text(f"""#!/bin/sh
+"{VENV_BIN / 'spark-submit'}" "$@" || exit $?
+while [ "$1" != "--out" ]; do shift; done
+shard=$(ls "$2"/train/*.parquet | head -1)
+printf 'corrupt' | dd of="$shard" bs=1 seek=100 conv=notrunc 2>/dev/null
+""")
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    env["PATH"] = f"{bindir}:{env['PATH']}"
+    r = airflow(env, "dags", "test", "lm_pipeline", "-c", conf(af["corpus"], f"{root}/out2"), timeout=900)
+    run = runs(env)[-1]
+    assert run["run_id"] != first_run["run"]["run_id"]
+    states = task_states(env, run["run_id"])
+    assert run["state"] == "failed", r.stdout[-4000:]
+    assert states["tokenize_shard"] == "success" and states["check_shards"] == "failed", states
+    assert states["train"] in ("upstream_failed", None), states
+    assert not list((root / "out2" / "runs").glob("*/train")), "train must never start on bad shards"
+    assert champion(env) == before
+
+
+def _make_champion(c, version: str) -> None:
+    """What a promotion does to the registry (alias plus history), without the evaluation gate."""
+    from lmpipe import tracking
+
+    hist = tracking.champion_history(c, "lmpipe")
+    c.set_registered_model_alias("lmpipe", tracking.CHAMPION, version)
+    c.set_registered_model_tag("lmpipe", tracking.HISTORY_TAG, json.dumps([*hist, version]))
+
+
+def test_rollout_moves_serving_to_the_new_champion_and_rolls_back_a_broken_one(af, first_run, real_shards, tmp_path):
+    import shutil
+
+    import httpx
+
+    from lmpipe import config, tracking
+    from serving.serve import ServeConfig
+    from serving_helpers import register, running, tiny_export
+
+    assert first_run["run"]["state"] == "success"
+    tcfg = tracking.TrackingConfig(uri=f"sqlite:///{af['root'] / 'lmpipe' / 'mlflow.db'}")
+    c = tracking.client(tcfg)
+    v1 = champion(af["env"])
+    cfg = config.build(ServeConfig, {"model": "models:/lmpipe@champion", "watch_interval_s": 0,
+                                     "tracking": config.to_dict(tcfg)})
+    with running(cfg) as base:
+        env = {**af["env"], "LMPIPE_SERVE_URL": base}
+        assert httpx.get(base + "/v1/models").json()["data"][0]["version"] == v1
+        v2 = register(tiny_export(tmp_path / "v2", real_shards, seed=7), "lmpipe", tcfg)
+        _make_champion(c, v2)
+        r = airflow(env, "dags", "test", "lm_serving_rollout")
+        assert "smoke completion" in r.stdout, r.stdout[-4000:]
+        assert httpx.get(base + "/v1/models").json()["data"][0]["version"] == v2
+
+        broken = tmp_path / "broken"
+        shutil.copytree(tmp_path / "v2", broken)
+        data = (broken / "model.safetensors").read_bytes()
+        (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+        v3 = register(broken, "lmpipe", tcfg)
+        _make_champion(c, v3)
+        r = airflow(env, "dags", "test", "lm_serving_rollout")
+        assert f"rolled back to v{v2}" in r.stdout + r.stderr, r.stdout[-4000:]
+        assert str(tracking.alias_version(c, "lmpipe", tracking.CHAMPION).version) == v2
+        assert httpx.get(base + "/v1/models").json()["data"][0]["version"] == v2
+    rollout_runs = cli_json(airflow(af["env"], "dags", "list-runs", "lm_serving_rollout", "-o", "json"))
+    assert sorted(r["state"] for r in rollout_runs) == ["failed", "success"]
