@@ -26,6 +26,14 @@ def train(shards, out, *args, timeout=600):
     return r.returncode, r.stdout + r.stderr
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -67,8 +75,15 @@ def test_zero2_two_ranks_loss_falls_and_export(real_shards, tmp_path):
 
     # warm start from that export: the first step starts where the first run ended, not from scratch
     warm = tmp_path / "warm"
-    rc, log = train(real_shards, warm, "max_steps=2", "log_every=1", f"init_from={out / 'export'}")
+    # a stale DeepSpeed CPU allreduce buffer on our port (left by a killed run) must not be mapped
+    port = _free_port()
+    stale = [Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{r}") for r in (0, 1)]
+    for p in stale:
+        p.write_bytes(b"stale")
+    rc, log = train(real_shards, warm, "max_steps=2", "log_every=1", f"init_from={out / 'export'}",
+                    f"launch.master_port={port}", timeout=300)
     assert rc == 0 and "warm start" in log, log
+    assert not any(p.exists() for p in stale)  # removed before launch, and the run's own removed after
     assert metrics(warm)[0]["loss"] < m[0]["loss"] - 0.8, (metrics(warm)[0], m[0])
     rc, log = train(real_shards, tmp_path / "warm2", "model.num_layers=1", f"init_from={out / 'export'}")
     assert rc == 1 and "model shape differs from recipe 'tiny' at num_layers" in log, log

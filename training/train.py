@@ -134,12 +134,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(cfg: TrainConfig, run: Path) -> list[str]:
+def launch_command(cfg: TrainConfig, run: Path, port: int | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.launch.nproc),
-           "--master_port", str(cfg.launch.master_port or _free_port())]
+           "--master_port", str(port or cfg.launch.master_port or _free_port())]
     if cfg.launch.hostfile:
         cmd += ["--hostfile", cfg.launch.hostfile, "--num_nodes", str(cfg.launch.num_nodes)]
     return [*cmd, "--module", "training.rank", "--run-dir", str(run)]
+
+
+def _shm_buffers(addr: str, port: int) -> list[Path]:
+    """DeepSpeed's CPU allreduce buffers in /dev/shm for one master address and port. DeepSpeed
+    never removes them: each run would leak ~70 MB of RAM per rank, and a later run on the same
+    port would map a stale buffer and hang."""
+    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"))
+
+
+def _remove(paths: list[Path]) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+JIT_LOCK_STALE_S = 600  # no JIT build of DeepSpeed's CPU ops takes this long
+
+
+def _clear_stale_jit_lock() -> None:
+    """torch's JIT loader serializes builds of DeepSpeed's CPU ops with a ``lock`` file; a rank
+    killed while holding it leaves it behind, and every later run waits on it forever. A lock
+    older than any build is stale: remove it, and say so."""
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > JIT_LOCK_STALE_S:
+        warn(f"removing a stale torch extension lock left by a killed run: {lock}")
+        lock.unlink(missing_ok=True)
 
 
 def run(cfg: TrainConfig) -> int:
@@ -162,7 +191,12 @@ def run(cfg: TrainConfig) -> int:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.launch.nproc)))
         if not cfg.launch.hostfile:
             env.setdefault("MASTER_ADDR", "127.0.0.1")
-    cmd = launch_command(cfg, run_path)
+        _clear_stale_jit_lock()
+    port = cfg.launch.master_port or _free_port()
+    cmd = launch_command(cfg, run_path, port)
+    shm = env.get("MASTER_ADDR") if env.get("DS_ACCELERATOR") == "cpu" and not cfg.launch.hostfile else None
+    if shm:
+        _remove(_shm_buffers(shm, port))
     log("launching: " + " ".join(cmd))
     # Same process group as us: a kill of the job (Airflow's timeout, a SIGKILL to the group)
     # reaches the launcher and its ranks too, so no orphaned ranks keep training.
@@ -173,6 +207,9 @@ def run(cfg: TrainConfig) -> int:
         proc.send_signal(signal.SIGTERM)
         proc.wait()
         raise
+    finally:
+        if shm:
+            _remove(_shm_buffers(shm, port))
     where = sync.upload_run(run_path, cfg)
     lineage.finish(cfg, run_path, man, mlflow_run, rc)
     if rc == 0:
