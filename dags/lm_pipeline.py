@@ -134,7 +134,8 @@ def lm_pipeline():
     @task(execution_timeout=dt.timedelta(hours=24), retry_delay=dt.timedelta(seconds=30))
     def train(plan: dict, params=None) -> dict:
         env = pipeline.aws_env(AWS_CONN) if pipeline.needs_s3(plan["root"]) else {}
-        pipeline.stage(pipeline.train_args(plan["root"], params), env)
+        args, host = pipeline.train_args(plan["root"], params)
+        pipeline.stage(args, env, host=host)
         return {**plan, "train": f"{plan['root']}/train", **pipeline.train_links(f"{plan['root']}/train")}
 
     @task(execution_timeout=dt.timedelta(hours=2))

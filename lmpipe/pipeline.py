@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -74,12 +75,23 @@ def aws_env(conn_id: str) -> dict[str, str]:
     return env
 
 
-def stage(args: list[str], env: dict[str, str] | None = None, ok: tuple[int, ...] = (0,)) -> int:
+def stage_command(args: list[str], host: str | None = None) -> list[str]:
+    if host:
+        return ["ssh", "-tt", "-o", "BatchMode=yes", host, shlex.join(["python", "-m", "lmpipe.cli", *args])]
+    return [sys.executable, "-m", "lmpipe.cli", *args]
+
+
+def stage(args: list[str], env: dict[str, str] | None = None, ok: tuple[int, ...] = (0,),
+          host: str | None = None) -> int:
     """Run one lmpipe stage; its output streams into the task log. Bad input (a config error,
-    a failed data check) fails the task without retries: running it again cannot help."""
+    a failed data check) fails the task without retries: running it again cannot help.
+
+    With ``host`` the stage runs there over ssh: the remote shell gets every argument quoted
+    (``shlex.join``), so a param still cannot become shell syntax, and ``-tt`` makes a kill of
+    the task (a hang-up) reach the remote launcher and its ranks."""
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-    cmd = [sys.executable, "-m", "lmpipe.cli", *args]
+    cmd = stage_command(args, host)
     print("lmpipe: running " + " ".join(cmd), flush=True)
     rc = subprocess.run(cmd, env={**os.environ, **(env or {})}).returncode
     if rc in ok:
@@ -121,22 +133,34 @@ def champion_exists() -> bool:
         return False
 
 
-def train_args(root: str, params: dict) -> list[str]:
+def head_node(hostfile: str) -> str:
+    """The first host of a DeepSpeed hostfile (``host slots=N`` lines)."""
+    for line in Path(hostfile).read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            return line.split()[0]
+    raise ValueError(f"hostfile {hostfile} lists no host")
+
+
+def train_args(root: str, params: dict) -> tuple[list[str], str | None]:
+    """``lmpipe train`` arguments, and the host to run it on: with ``LMPIPE_HOSTFILE`` set, the
+    launcher runs on the hostfile's first node (so precision and devices are the GPU nodes'),
+    which starts the ranks on every node; without it, here."""
     args = ["train", "--shards", join(root, "shards"), "--out", join(root, "train"), "--recipe", params["recipe"],
             "--zero-stage", str(params["zero_stage"]), "--nproc", str(params["nproc"]),
             f"launch.num_nodes={params['nodes']}", f"max_steps={params['max_steps']}"]
-    if params["nodes"] > 1:
-        hostfile = settings.get("LMPIPE_HOSTFILE")
-        if not hostfile:
-            from airflow.sdk.exceptions import AirflowFailException
-
-            raise AirflowFailException("nodes > 1 needs a DeepSpeed hostfile: set LMPIPE_HOSTFILE on the workers")
+    hostfile, host = settings.get("LMPIPE_HOSTFILE"), None
+    if hostfile:
         args += ["--hostfile", hostfile]
+        host = head_node(hostfile)
+    elif params["nodes"] > 1:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException("nodes > 1 needs a DeepSpeed hostfile: set LMPIPE_HOSTFILE on the workers")
     if params["warm_start"] and champion_exists():
         from lmpipe import tracking
 
         args.append(f"init_from=models:/{tracking.TrackingConfig().model_name}@{tracking.CHAMPION}")
-    return [*args, *params["overrides"]]
+    return [*args, *params["overrides"]], host
 
 
 def read_json(uri: str, name: str) -> dict:
@@ -151,6 +175,8 @@ def link(uri: str) -> str:
 
 
 def mlflow_ui() -> str:
+    if os.environ.get("LMPIPE_MLFLOW_UI"):  # the address a browser reaches, which the workers' may not be
+        return os.environ["LMPIPE_MLFLOW_UI"].rstrip("/")
     uri = settings.get("MLFLOW_TRACKING_URI") or ""
     return uri.rstrip("/") if uri.startswith("http") else settings.get("LMPIPE_MLFLOW_UI")
 

@@ -27,7 +27,8 @@ SETTINGS = {s.name: s for s in [
     Setting("LMPIPE_NIGHTLY_CRON", "0 2 * * *", "lm_pipeline's schedule"),
     Setting("LMPIPE_SPARK_CONN_ID", "spark_default", "Airflow connection the tokenize task submits to"),
     Setting("LMPIPE_AWS_CONN_ID", "aws_default", "Airflow aws connection with the S3/MinIO credentials"),
-    Setting("LMPIPE_HOSTFILE", None, "DeepSpeed hostfile used when lm_pipeline trains on more than one node"),
+    Setting("LMPIPE_HOSTFILE", None, "DeepSpeed hostfile: lm_pipeline's train runs the launcher on its first host "
+            "over ssh, which starts ranks on `nodes` hosts"),
     Setting("LMPIPE_SERVE_URL", "http://127.0.0.1:8000", "base URL of the serving job (lm_serving_rollout)"),
     Setting("LMPIPE_MLFLOW_UI", "http://127.0.0.1:5000", "MLflow UI address printed in task logs (when the tracking URI is not http)"),
     Setting("LMPIPE_API_KEY", None, "API key the serving job requires, and clients send"),

@@ -57,7 +57,9 @@ def experiment_id(c, cfg: TrackingConfig) -> str:
     exp = c.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return exp.experiment_id
-    location = cfg.artifact_location or (home() / "mlflow-artifacts").as_uri()
+    location = cfg.artifact_location
+    if location is None and not tracking_uri(cfg).startswith("http"):
+        location = (home() / "mlflow-artifacts").as_uri()  # embedded store; a server keeps its own artifact root
     return c.create_experiment(cfg.experiment, artifact_location=location)
 
 

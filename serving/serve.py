@@ -92,3 +92,7 @@ def main(argv=None) -> int:
     except LmpipeError as exc:
         print(f"lmpipe serve: error: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+if __name__ == "__main__":  # python -m serving.serve: the slim serving image has no other stages
+    sys.exit(main())

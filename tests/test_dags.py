@@ -127,3 +127,25 @@ def test_nightly_schedule_is_set_in_one_place(tmp_path):
     assert settings.SETTINGS["LMPIPE_NIGHTLY_CRON"].default == "0 2 * * *"
     src = (REPO / "dags" / "lm_pipeline.py").read_text()
     assert src.count("LMPIPE_NIGHTLY_CRON") == 1 and "0 2 * * *" not in src
+
+
+def test_train_runs_on_the_hostfiles_head_node_with_every_argument_quoted(tmp_path, monkeypatch):
+    import shlex
+
+    from lmpipe import pipeline
+
+    params = {"recipe": "llama-1b", "zero_stage": 3, "nproc": 8, "nodes": 2, "max_steps": 10, "warm_start": False,
+              "overrides": ["debug.step_delay_s=0"]}
+    root = "/data/out/runs/x; rm -rf ~"
+    monkeypatch.delenv("LMPIPE_HOSTFILE", raising=False)
+    with pytest.raises(Exception, match="LMPIPE_HOSTFILE"):
+        pipeline.train_args(root, params)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# GPU nodes\ngpu-0 slots=8\ngpu-1 slots=8\n")
+    monkeypatch.setenv("LMPIPE_HOSTFILE", str(hostfile))
+    args, host = pipeline.train_args(root, params)
+    assert host == "gpu-0" and args[args.index("--hostfile") + 1] == str(hostfile)
+    assert "launch.num_nodes=2" in args and args[-1] == "debug.step_delay_s=0"
+    cmd = pipeline.stage_command(args, host)
+    assert cmd[:5] == ["ssh", "-tt", "-o", "BatchMode=yes", "gpu-0"]
+    assert shlex.split(cmd[5]) == ["python", "-m", "lmpipe.cli", *args]  # what the remote shell runs, verbatim

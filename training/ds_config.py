@@ -114,3 +114,66 @@ def memory_table(params: int, world: int, prec: str) -> str:
 def flops_per_token(params: int, layers: int, hidden: int, seq_len: int) -> float:
     """nanoGPT's estimate (PaLM appendix B): 6N + 12 L H T per token, forward and backward."""
     return 6 * params + 12 * layers * hidden * seq_len
+
+
+# ---------------------------------------------------------------- sizing (docker/RUNBOOK.md)
+
+# ZeRO choices in the order to try them: each step trades more communication (or PCIe traffic
+# to CPU memory) for less GPU memory, so the first one that fits is the one to use.
+ZERO_OPTIONS = [  # (label, stage, offload_optimizer, offload_params)
+    ("ZeRO-0", 0, False, False),
+    ("ZeRO-1", 1, False, False),
+    ("ZeRO-2", 2, False, False),
+    ("ZeRO-2 + offload opt", 2, True, False),
+    ("ZeRO-3", 3, False, False),
+    ("ZeRO-3 + offload opt", 3, True, False),
+    ("ZeRO-3 + offload opt+params", 3, True, True),
+]
+# The formula counts model states only; activations, NCCL buffers and allocator fragmentation
+# need the rest, so a choice "fits" when its states take at most this share of the GPU.
+STATE_SHARE = 0.5
+# Vocab sizes the runbook assumes per recipe (the real one comes from the shard manifest).
+SIZING_VOCAB = {"tiny": 4096, "gpt2-124m": 50304, "llama-1b": 128256}
+# Bigger models than the recipes, by parameter count alone (the formula needs nothing else).
+SIZING_EXAMPLES = {"8 B model": 8_000_000_000, "70 B model": 70_000_000_000}
+
+
+def pick_zero(params: int, world: int, gpu_gib: float, prec: str = "bf16", share: float = STATE_SHARE) -> str | None:
+    """The first ZERO_OPTIONS label whose model states fit in ``share`` of a ``gpu_gib`` GPU."""
+    for label, stage, off_opt, off_par in ZERO_OPTIONS:
+        if memory_per_rank(params, world, stage, prec, off_opt, off_par) <= share * gpu_gib * 1024**3:
+            return label
+    return None
+
+
+def sizing_markdown(models: dict[str, int], worlds=(1, 8, 64), gpus_gib=(16, 24, 40, 80), prec: str = "bf16") -> str:
+    """Two markdown tables: model-state GiB per GPU for every ZeRO option, and the option to pick."""
+    gib = 1024**3
+    head = ["model", "params", "GPUs", *(label for label, *_ in ZERO_OPTIONS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, n in models.items():
+        for w in worlds:
+            cells = [f"{memory_per_rank(n, w, s, prec, oo, op) / gib:.2f}" for _, s, oo, op in ZERO_OPTIONS]
+            lines.append(f"| {name} | {n / 1e6:,.1f} M | {w} | " + " | ".join(cells) + " |")
+    head = ["model", "GPUs", *(f"{g} GiB GPU" for g in gpus_gib)]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, n in models.items():
+        for w in worlds:
+            picks = [pick_zero(n, w, g, prec) or "does not fit" for g in gpus_gib]
+            lines.append(f"| {name} | {w} | " + " | ".join(picks) + " |")
+    return "\n".join(lines)
+
+
+def runbook_sizing(prec: str = "bf16") -> str:
+    """The runbook's tables, for the recipes' exact parameter counts."""
+    from training import recipes
+
+    models = {f"{name} (vocab {vocab:,})": recipes.param_count(recipes.RECIPES[name](), vocab)
+              for name, vocab in SIZING_VOCAB.items()}
+    return sizing_markdown({**models, **SIZING_EXAMPLES}, prec=prec)
+
+
+if __name__ == "__main__":  # python -m training.ds_config [PARAMS]: the runbook tables, or one model's
+    import sys
+
+    print(sizing_markdown({f"{int(sys.argv[1]):,} params": int(sys.argv[1])}) if len(sys.argv) > 1 else runbook_sizing())
