@@ -8,13 +8,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lmpipe-installed
 LMPIPE_HOME ?= $(CURDIR)/.lmpipe
 export LMPIPE_HOME
-DEMO   := $(LMPIPE_HOME)/demo
 DEMO_MB ?= 8
 PYTEST_ARGS ?=
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv system-deps demo test bench clean
+.PHONY: venv system-deps demo airflow-ui test bench clean
 
 venv: $(STAMP)
 
@@ -36,28 +35,14 @@ $(STAMP): pyproject.toml constraints.txt
 		apache-airflow-providers-apache-spark grpcio-status
 	@touch $@
 
+# The main job: demo corpus -> serving job -> lm_pipeline through Airflow -> rollout -> a completion.
 demo: venv
 	@command -v java >/dev/null || { echo "error: Spark needs Java 17 on PATH"; exit 1; }
-	$(VENV)/bin/lmpipe demo-corpus --out $(DEMO)/corpus --max-mb $(DEMO_MB)
-	$(VENV)/bin/lmpipe check-data --corpus $(DEMO)/corpus --run-id demo
-	$(VENV)/bin/lmpipe tokenize --corpus $(DEMO)/corpus --out $(DEMO)/shards \
-		--vocab-size 4096 --seq-len 256 validation_fraction=0.05 partition_mb=2 overwrite=true
-	$(VENV)/bin/lmpipe check-data --shards $(DEMO)/shards --run-id demo
-	$(VENV)/bin/lmpipe train --shards $(DEMO)/shards --out $(DEMO)/run --recipe tiny --nproc 2 --fresh \
-		max_steps=150 save_every=50 log_every=10 micro_batch_size=8
-	$(VENV)/bin/lmpipe evaluate --model $(DEMO)/run/export --shards $(DEMO)/shards max_sequences=256
-	-$(VENV)/bin/lmpipe promote --candidate $$($(PY) -c "import json; print(json.load(open('$(DEMO)/run/model_version.json'))['version'])")
-	$(VENV)/bin/lmpipe models
-	$(VENV)/bin/lmpipe report $(DEMO)/run
-	@echo
-	@echo "demo corpus:         $(DEMO)/corpus"
-	@echo "corpus checks:       $(DEMO)/corpus/_checks/demo/data_docs/index.html"
-	@echo "shards and manifest: $(DEMO)/shards/manifest.json"
-	@echo "shard checks:        $(DEMO)/shards/_checks/demo/data_docs/index.html"
-	@echo "training run:        $(DEMO)/run   (metrics.jsonl, checkpoints/, export/ = the HF model)"
-	@echo "run report:          $(DEMO)/run/report/index.html"
-	@echo "MLflow UI:           $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(LMPIPE_HOME)/mlflow.db"
-	@echo "(open the data_docs pages in a browser; result.json beside them holds the same results)"
+	DEMO_MB=$(DEMO_MB) $(PY) -m lmpipe.demo
+
+# The Airflow UI on the demo's metadata DB (airflow standalone; the login is printed).
+airflow-ui: venv
+	$(PY) -m lmpipe.demo ui
 
 test: venv system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
