@@ -30,21 +30,50 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]  # containers: no userns, small shm
+CREDS_DAG = '''
+from airflow.sdk import dag, task
+
+from lmpipe import pipeline
+
+
+@dag(dag_id="s3_creds", schedule=None)
+def s3_creds():
+    @task
+    def use(out: str) -> dict:
+        env = pipeline.aws_env("aws_default")
+        print("the secret key is " + env["AWS_SECRET_ACCESS_KEY"])
+        pipeline.stage(["demo-corpus", "--out", out, "--max-mb", "0.01"], env)  # a real S3 write with them
+        return {"variables": sorted(env)}
+
+    use("{{ dag_run.conf['out'] }}")
+
+
+s3_creds()
+'''
+
+SECRET = "conn-secret-4f1e9c"
 TASKS = ["check_corpus", "tokenize_shard", "check_shards", "train", "evaluate", "promote"]
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, demo_corpus_dir) -> Iterator[dict]:
+def live(tmp_path_factory, demo_corpus_dir, s3_endpoint) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("live")
+    dags = root / "dags"  # the project's DAG files, plus a probe of the aws connection
+    dags.mkdir()
+    for f in (REPO / "dags").glob("*.py"):
+        (dags / f.name).symlink_to(f)
+    (dags / "s3_creds.py").write_text(CREDS_DAG)
     lines = next(Path(demo_corpus_dir).glob("*.jsonl")).read_text().splitlines()
     write_jsonl(root / "corpus" / "date=2026-11-20" / "part-0.jsonl", lines[:100])
     env = {"LMPIPE_HOME": str(root / "lmpipe"), "LMPIPE_CORPUS": str(root / "corpus"),
            "LMPIPE_OUTPUT": str(root / "out"), "PYTHONPATH": str(REPO),
            "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
+           "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": "conn-key", "password": SECRET,
+                                                   "extra": {"endpoint_url": s3_endpoint}}),
            # no interval of this schedule has ended since the DAG's start date (Feb 29 is in 2028),
            # so unpausing starts no nightly run with the default params beside the test's runs
            "LMPIPE_NIGHTLY_CRON": "0 2 29 2 *"}
-    with airflow_live(root / "airflow", REPO / "dags", env=env, dag_ids=["lm_pipeline", "lm_serving_rollout"]) as af:
+    with airflow_live(root / "airflow", dags, env=env, dag_ids=["lm_pipeline", "lm_serving_rollout", "s3_creds"]) as af:
         af.unpause("lm_pipeline")  # lm_serving_rollout stays paused: no serving job in this test
         yield {"af": af, "root": root, "lines": lines}
 
@@ -184,3 +213,24 @@ def test_rest_trigger_incremental_run_with_train_killed_and_cleared(live):
     assert m["base"]["uri"].endswith(f"runs/{safe_run_id(live['ui_run'])}/shards")
     train_cfg = json.loads((train_dir / "train_config.json").read_text())
     assert train_cfg["init_from"] == "models:/lmpipe@champion"  # warm start (the param's default)
+
+
+@pytest.mark.timeout(300)
+def test_s3_credentials_come_from_the_aws_connection_masked_and_never_in_xcom(live, s3_endpoint, bucket):
+    import boto3
+
+    af: LiveAirflow = live["af"]
+    af.unpause("s3_creds")
+    run = af.trigger("s3_creds", conf={"out": f"s3://{bucket}/from-conn.jsonl"})
+    run_id = run["dag_run_id"]
+    assert af.wait_run("s3_creds", run_id, timeout=240) == "success", af.log_tail()
+    log = af.api("GET", f"/dags/s3_creds/dagRuns/{run_id}/taskInstances/use/logs/1", params={"full_content": True}).text
+    assert "the secret key is ***" in log, log[-3000:]
+    assert SECRET not in log
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    assert s3.head_object(Bucket=bucket, Key="from-conn.jsonl")["ContentLength"] > 0  # the stage used them
+    entries = af.api("GET", f"/dags/s3_creds/dagRuns/{run_id}/taskInstances/use/xcomEntries").json()["xcom_entries"]
+    assert entries
+    for e in entries:
+        value = af.api("GET", f"/dags/s3_creds/dagRuns/{run_id}/taskInstances/use/xcomEntries/{e['key']}").text
+        assert SECRET not in value and "AWS_SECRET_ACCESS_KEY" in value  # only the variables' names

@@ -176,3 +176,4 @@ def test_rollout_moves_serving_to_the_new_champion_and_rolls_back_a_broken_one(a
         assert httpx.get(base + "/v1/models").json()["data"][0]["version"] == v2
     rollout_runs = cli_json(airflow(af["env"], "dags", "list-runs", "lm_serving_rollout", "-o", "json"))
     assert sorted(r["state"] for r in rollout_runs) == ["failed", "success"]
+
