@@ -156,7 +156,8 @@ def _rank_processes(run_dir: Path) -> list[psutil.Process]:
 def test_rest_trigger_incremental_run_with_train_killed_and_cleared(live):
     af: LiveAirflow = live["af"]
     assert "ui_run" in live, "needs the UI run's shards and champion"
-    conf = {"vocab_size": 400, "seq_len": 64, "max_steps": 9,
+    # margin 1.0 asks for a 100% perplexity gain: promotion must refuse, and the run still succeed
+    conf = {"vocab_size": 400, "seq_len": 64, "max_steps": 9, "margin": 1.0,
             "overrides": ["save_every=3", "log_every=1", "debug.step_delay_s=1.5"]}
 
     def runs() -> int:
@@ -213,6 +214,13 @@ def test_rest_trigger_incremental_run_with_train_killed_and_cleared(live):
     assert m["base"]["uri"].endswith(f"runs/{safe_run_id(live['ui_run'])}/shards")
     train_cfg = json.loads((train_dir / "train_config.json").read_text())
     assert train_cfg["init_from"] == "models:/lmpipe@champion"  # warm start (the param's default)
+
+    done = json.loads((out / "COMPLETED.json").read_text())
+    assert done["decision"] == "refused"
+    ui_done = json.loads((live["root"] / "out" / "runs" / safe_run_id(live["ui_run"]) / "COMPLETED.json").read_text())
+    events = af.api("GET", "/assets/events", params={"limit": 50}).json()["asset_events"]
+    champion_events = [e for e in events if e["uri"] == "lmpipe://models/lmpipe/champion"]
+    assert [e["extra"].get("version") for e in champion_events] == [ui_done["version"]]  # a refusal emits nothing
 
 
 @pytest.mark.timeout(300)
