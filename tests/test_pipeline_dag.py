@@ -141,6 +141,20 @@ def _make_champion(c, version: str) -> None:
 
 
 def test_rollout_moves_serving_to_the_new_champion_and_rolls_back_a_broken_one(af, first_run, real_shards, tmp_path):
+    assert first_run["run"]["state"] == "success"
+    # mlflow.set_tracking_uri (called by tracking.client) exports MLFLOW_TRACKING_URI to this process's
+    # environment: point it back where it was, or later tests' subprocesses use this test's registry
+    prior = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        _rollout(af, real_shards, tmp_path)
+    finally:
+        import mlflow
+
+        mlflow.set_tracking_uri(prior)
+        assert os.environ.get("MLFLOW_TRACKING_URI") == prior
+
+
+def _rollout(af, real_shards, tmp_path):
     import shutil
 
     import httpx
@@ -149,7 +163,6 @@ def test_rollout_moves_serving_to_the_new_champion_and_rolls_back_a_broken_one(a
     from serving.serve import ServeConfig
     from serving_helpers import register, running, tiny_export
 
-    assert first_run["run"]["state"] == "success"
     tcfg = tracking.TrackingConfig(uri=f"sqlite:///{af['root'] / 'lmpipe' / 'mlflow.db'}")
     c = tracking.client(tcfg)
     v1 = champion(af["env"])
