@@ -88,7 +88,7 @@ class TokenizeSubmit(SparkSubmitOperator):
         self.application_args = ["--corpus", params["corpus"], "--out", plan["shards"],
                                  "--vocab-size", str(params["vocab_size"]), "--seq-len", str(params["seq_len"]),
                                  *(["--base", plan["base"]] if plan["base"] else [])]
-        env = pipeline.aws_env(AWS_CONN) if pipeline.needs_s3(params["corpus"], plan["shards"]) else {}
+        env = pipeline.s3_env(AWS_CONN, params["corpus"], plan["shards"])
         try:
             Connection.get(self._conn_id)
         except AirflowNotFoundException:
@@ -109,7 +109,7 @@ def lm_pipeline():
     @task(execution_timeout=dt.timedelta(minutes=30))
     def check_corpus(params=None, run_id=None) -> dict:
         root = pipeline.run_root(params["output"], run_id)
-        env = pipeline.aws_env(AWS_CONN) if pipeline.needs_s3(params["corpus"], root) else {}
+        env = pipeline.s3_env(AWS_CONN, params["corpus"], root)
         pipeline.stage(["check-data", "--corpus", params["corpus"], "--results", f"{root}/checks/corpus"], env)
         base = pipeline.base_shards(params["output"], run_id, params["corpus"], params["seq_len"])
         if base:
@@ -124,7 +124,7 @@ def lm_pipeline():
 
     @task(execution_timeout=dt.timedelta(minutes=30))
     def check_shards(plan: dict, params=None) -> dict:
-        env = pipeline.aws_env(AWS_CONN) if pipeline.needs_s3(plan["root"]) else {}
+        env = pipeline.s3_env(AWS_CONN, plan["root"])
         results = f"{plan['shards']}/_checks/pipeline"
         pipeline.stage(["check-data", "--shards", plan["shards"], "--results", results], env)
         pipeline.links(shard_manifest=pipeline.link(f"{plan['shards']}/manifest.json"),
@@ -133,21 +133,21 @@ def lm_pipeline():
 
     @task(execution_timeout=dt.timedelta(hours=24), retry_delay=dt.timedelta(seconds=30))
     def train(plan: dict, params=None) -> dict:
-        env = pipeline.aws_env(AWS_CONN) if pipeline.needs_s3(plan["root"]) else {}
+        env = pipeline.s3_env(AWS_CONN, plan["root"])
         args, host = pipeline.train_args(plan["root"], params)
         pipeline.stage(args, env, host=host)
         return {**plan, "train": f"{plan['root']}/train", **pipeline.train_links(f"{plan['root']}/train")}
 
     @task(execution_timeout=dt.timedelta(hours=2))
     def evaluate(run: dict) -> dict:
-        env = pipeline.aws_env(AWS_CONN) if pipeline.needs_s3(run["root"]) else {}
+        env = pipeline.s3_env(AWS_CONN, run["root"])
         pipeline.stage(["evaluate", "--model", f"{run['train']}/export", "--shards", run["shards"]], env)
         pipeline.links(metrics=pipeline.link(f"{run['train']}/eval/metrics.json"), model_version=run["model_url"])
         return run
 
     @task(outlets=[PROMOTIONS], execution_timeout=dt.timedelta(minutes=30))
     def promote(run: dict, params=None, outlet_events=None) -> dict:
-        env = pipeline.aws_env(AWS_CONN) if pipeline.needs_s3(run["root"]) else {}
+        env = pipeline.s3_env(AWS_CONN, run["root"])
         rc = pipeline.stage(["promote", "--candidate", run["version"], "--margin", str(params["margin"])], env,
                             ok=(0, pipeline.EXIT_REFUSED))
         decision = "promoted" if rc == 0 else "refused"

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from lmpipe import settings
+from lmpipe import tracking
 from lmpipe.log import log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def main() -> int:
     import httpx
 
     t0 = time.monotonic()
-    home = Path(settings.get("LMPIPE_HOME") or Path.home() / ".lmpipe").resolve()
+    home = tracking.home()
     env = airflow_env(home)
     password = admin_password(home)
     _run([str(BIN / "airflow"), "db", "migrate"], env)
@@ -118,7 +118,7 @@ demo took {time.monotonic() - t0:.0f}s""")
 
 def airflow_ui() -> int:
     """`make airflow-ui`: Airflow standalone on the demo's metadata DB, login admin + the demo's password."""
-    home = Path(settings.get("LMPIPE_HOME") or Path.home() / ".lmpipe").resolve()
+    home = tracking.home()
     env = airflow_env(home)
     print(f"Airflow UI on http://127.0.0.1:8080  login: admin / {admin_password(home)}  (Ctrl-C stops it)", flush=True)
     os.execve(str(BIN / "airflow"), [str(BIN / "airflow"), "standalone"], env)

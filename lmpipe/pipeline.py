@@ -34,17 +34,24 @@ def safe_run_id(run_id: str) -> str:
 
 
 def default_corpus() -> str:
-    home = Path(settings.get("LMPIPE_HOME") or Path.home() / ".lmpipe")
-    return settings.get("LMPIPE_CORPUS") or str(home / "demo" / "corpus")
+    from lmpipe.tracking import home
+
+    return settings.get("LMPIPE_CORPUS") or str(home() / "demo" / "corpus")
 
 
 def default_output() -> str:
-    home = Path(settings.get("LMPIPE_HOME") or Path.home() / ".lmpipe")
-    return settings.get("LMPIPE_OUTPUT") or str(home / "pipeline")
+    from lmpipe.tracking import home
+
+    return settings.get("LMPIPE_OUTPUT") or str(home() / "pipeline")
 
 
 def needs_s3(*uris: str) -> bool:
     return any(is_s3(u) for u in uris)
+
+
+def s3_env(conn_id: str, *uris: str) -> dict[str, str]:
+    """:func:`aws_env` when any of ``uris`` is on S3, else nothing (no connection lookup)."""
+    return aws_env(conn_id) if needs_s3(*uris) else {}
 
 
 def aws_env(conn_id: str) -> dict[str, str]:
