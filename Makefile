@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv system-deps demo airflow-ui test bench clean
+.PHONY: venv system-deps demo airflow-ui test test-fast bench clean
 
 venv: $(STAMP)
 
@@ -26,11 +26,11 @@ system-deps:
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing lmpipe and its pinned stack into $(VENV) (first time: a few minutes)"
-	# torch first, alone: the CPU build (see shared/TRAPS.md); any other spec pulls GBs of CUDA wheels.
+	# torch first, alone: the CPU build; any other spec pulls GBs of CUDA wheels.
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	# The Airflow Spark provider declares pyspark-client, which overwrites classic pyspark's
-	# files and breaks mapInArrow (shared/TRAPS.md): install it without that dependency.
+	# files and breaks mapInArrow: install it without that dependency.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt \
 		apache-airflow-providers-apache-spark grpcio-status
 	@touch $@
@@ -38,20 +38,24 @@ $(STAMP): pyproject.toml constraints.txt
 # The main job: demo corpus -> serving job -> lm_pipeline through Airflow -> rollout -> a completion.
 demo: venv
 	@command -v java >/dev/null || { echo "error: Spark needs Java 17 on PATH"; exit 1; }
-	DEMO_MB=$(DEMO_MB) $(PY) -m lmpipe.demo
+	DEMO_MB=$(DEMO_MB) PYTHONPATH=dags $(PY) -m lmpipe_airflow.demo
 
 # The Airflow UI on the demo's metadata DB (airflow standalone; the login is printed).
 airflow-ui: venv
-	$(PY) -m lmpipe.demo ui
+	PYTHONPATH=dags $(PY) -m lmpipe_airflow.demo ui
 
+# The whole suite, what CI runs (docs/testing.md); test-fast leaves out the long end-to-end runs.
 test: venv system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+test-fast: venv system-deps
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
 bench: venv
-	$(PY) bench/tokenize.py
-	$(PY) bench/check_data.py
-	$(PY) bench/train.py
-	$(PY) bench/serve.py
+	$(PY) bench/bench_tokenize.py
+	$(PY) bench/bench_check_data.py
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_serve.py
 
 clean:
 	rm -rf $(VENV) $(LMPIPE_HOME)

@@ -16,37 +16,37 @@ from __future__ import annotations
 
 import datetime as dt
 
-from airflow.sdk import Asset, dag, task
+from airflow.sdk import dag, task
 
-from lmpipe import rollout
+from lmpipe_airflow import lm_serving_rollout as tasks
+from lmpipe_airflow.common import champion_asset
 
-CHAMPION = Asset("lmpipe://models/lmpipe/champion", extra={"model": "lmpipe"})
 DEFAULTS = {"owner": "lmpipe", "retries": 1, "retry_delay": dt.timedelta(seconds=20),
             "execution_timeout": dt.timedelta(minutes=15)}
 
 
-@dag(dag_id="lm_serving_rollout", schedule=[CHAMPION], start_date=dt.datetime(2026, 1, 1), catchup=False,
+@dag(dag_id="lm_serving_rollout", schedule=[champion_asset()], start_date=dt.datetime(2026, 1, 1), catchup=False,
      max_active_runs=1, default_args=DEFAULTS, tags=["lmpipe", "serving"], doc_md=__doc__)
 def lm_serving_rollout():
     @task
     def reload() -> str:
-        version = rollout.champion_version()
-        rollout.reload()
+        version = tasks.champion_version()
+        tasks.reload()
         return version
 
     @task
     def wait_for_version(version: str) -> str:
-        return rollout.wait_for(version)["id"]
+        return tasks.wait_for(version)["id"]
 
     @task
     def smoke_test(model: str) -> str:
-        return rollout.smoke(model)
+        return tasks.smoke(model)
 
     @task(trigger_rule="one_failed")
     def rollback(version: str) -> None:
         from airflow.sdk.exceptions import AirflowFailException
 
-        to = rollout.rollback(version or rollout.champion_version())  # reload may have failed before returning
+        to = tasks.rollback(version or tasks.champion_version())  # reload may have failed before returning
         raise AirflowFailException(f"rollout of v{version} failed" + (f": champion rolled back to v{to}" if to else ""))
 
     version = reload()

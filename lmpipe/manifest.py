@@ -1,12 +1,22 @@
-"""The shard-set manifest: the contract between data prep and every later stage.
+"""The shard set: the contract between data prep and every later stage.
 
-``manifest.json`` is written last, so its presence means the shard set is complete.
-A reader refuses a prefix without one.
+A shard set is a prefix holding ``manifest.json``, ``tokenizer.json`` and Parquet shards
+under ``train/`` and ``validation/``. ``manifest.json`` is written last, so its presence
+means the shard set is complete; a reader refuses a prefix without one.
+
+Shard format: a Parquet file with one column ``input_ids``, a fixed-size list of
+``seq_len + 1`` unsigned ints (uint16 when the vocab fits, else uint32). Each row holds
+seq_len inputs plus the shifted target.
+
+This module builds manifests (:func:`build`), merges an incremental run's into its base's
+(:func:`merge`), validates, reads and writes them, and reads and writes shard files.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import jsonschema
@@ -15,6 +25,7 @@ from lmpipe.errors import ManifestError, StorageError
 from lmpipe.storage import Store
 
 MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 
@@ -66,6 +77,7 @@ SCHEMA = {
         "created_at": {"type": "string"},
         "run_id": {"type": "string"},
         "config": {"type": "object"},
+        "config_file": {"type": "string"},
     },
 }
 
@@ -103,3 +115,118 @@ def write(store: Store, manifest: dict[str, Any]) -> str:
     validate(manifest)
     store.put_bytes(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
     return store.url(MANIFEST)
+
+
+# ---------------------------------------------------------------- building
+
+
+SPLIT_COUNTS = ("documents", "document_tokens", "dropped_tokens", "dropped_documents")
+SHARD_KEYS = ("path", "sequences", "tokens", "bytes", "sha256")
+
+
+def build(*, seq_len: int, tokenizer: Mapping[str, Any], shards: list[Mapping[str, Any]], stats: Mapping[str, int],
+          input: Mapping[str, Any], run_id: str, elapsed_s: float, spark: Mapping[str, Any],
+          config: Mapping[str, Any], config_file: str) -> dict[str, Any]:
+    """The manifest of one tokenize run.
+
+    ``shards`` are the written shards (``split`` plus :data:`SHARD_KEYS`); ``stats`` the
+    summed counters of the read tasks (``documents_read``, ``duplicates_removed``,
+    ``skipped.<reason>``, ``<split>.<count>`` for :data:`SPLIT_COUNTS`); ``input`` the corpus
+    listing (``uri``, ``files``, ``new_files``, ``bytes``, ``ignored_files``, ``file_list``).
+    ``config_file`` names the resolved config written beside the manifest.
+    """
+    splits = {}
+    for split in SPLITS:
+        mine = sorted(({k: s[k] for k in SHARD_KEYS} for s in shards if s["split"] == split), key=lambda s: s["path"])
+        splits[split] = {"sequences": sum(s["sequences"] for s in mine), "tokens": sum(s["tokens"] for s in mine),
+                         "shards": mine, **{k: int(stats.get(f"{split}.{k}", 0)) for k in SPLIT_COUNTS}}
+    skipped = {k.split(".", 1)[1]: int(v) for k, v in sorted(stats.items()) if k.startswith("skipped.")}
+    return {
+        "format_version": FORMAT_VERSION,
+        "seq_len": seq_len,
+        "dtype": "uint16" if tokenizer["vocab_size"] <= 2**16 else "uint32",
+        "tokenizer": dict(tokenizer),
+        "splits": splits,
+        "input": {**input, "documents_read": int(stats.get("documents_read", 0)),
+                  "documents_used": sum(splits[s]["documents"] for s in SPLITS),
+                  "duplicates_removed": int(stats.get("duplicates_removed", 0)), "skipped": skipped},
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "run_id": run_id,
+        "elapsed_s": round(elapsed_s, 2),
+        "spark": dict(spark),
+        "config": dict(config),
+        "config_file": config_file,
+    }
+
+
+def merge(base: Mapping[str, Any], new: dict[str, Any], base_uri: str) -> dict[str, Any]:
+    """An incremental run's manifest covering its base's shards too: ``new`` describes only the
+    files the base had not seen; the result lists every shard and counts every document."""
+    out = json.loads(json.dumps(new))
+    for split in SPLITS:
+        b, n = base["splits"][split], out["splits"][split]
+        n["shards"] = sorted(b["shards"] + n["shards"], key=lambda s: s["path"])
+        n["sequences"] = sum(s["sequences"] for s in n["shards"])
+        n["tokens"] = sum(s["tokens"] for s in n["shards"])
+        for k in SPLIT_COUNTS:
+            n[k] = n.get(k, 0) + b.get(k, 0)
+    inp, binp = out["input"], base["input"]
+    inp["file_list"] = binp["file_list"] + inp["file_list"]
+    for k in ("documents_read", "duplicates_removed"):
+        inp[k] += binp[k]
+    inp["documents_used"] = sum(out["splits"][s]["documents"] for s in SPLITS)
+    skipped = dict(binp["skipped"])
+    for k, v in inp["skipped"].items():
+        skipped[k] = skipped.get(k, 0) + v
+    inp["skipped"] = dict(sorted(skipped.items()))
+    out["base"] = {"uri": base_uri, "run_id": base["run_id"]}
+    return out
+
+
+def read_parts(m: Mapping[str, Any]) -> int:
+    """One past the highest read-task number in a manifest's shard names (``part-TTTTT-NNNNN``):
+    an incremental run numbers its tasks from here, so its shard names never collide."""
+    return 1 + max((int(sh["path"].split("/")[1].split("-")[1]) for sp in m["splits"].values()
+                    for sh in sp["shards"]), default=-1)
+
+
+# ---------------------------------------------------------------- shard files
+
+
+def token_dtype(vocab_size: int):
+    import numpy as np
+
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def shard_table(seqs):
+    """A (n, seq_len + 1) array as a table with one fixed-size-list column ``input_ids``."""
+    import numpy as np
+    import pyarrow as pa
+
+    _n, width = seqs.shape
+    flat = pa.array(np.ascontiguousarray(seqs).reshape(-1))
+    return pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(flat, width)})
+
+
+def write_shard(seqs, path: str, compression: str = "zstd") -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        shard_table(seqs),
+        path,
+        compression=None if compression == "none" else compression,
+        row_group_size=1024,
+        write_statistics=False,  # per-row min/max of list columns is noise
+        store_schema=True,
+    )
+
+
+def read_shard(path):
+    """The ``input_ids`` of one shard (a path or a file object) as an (n, seq_len + 1) array."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["input_ids"])
+    col = table.column("input_ids").combine_chunks()
+    width = col.type.list_size
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, width)

@@ -1,15 +1,22 @@
-"""Every environment variable lmpipe reads, in one place.
+"""Every environment variable lmpipe reads, in one place, and the one reader of them.
 
-Code reads them through :func:`get`, deployment files (``docker/compose.yaml``,
-``docker/.env.example``) set them by these names, and a test checks the two agree.
-Stage settings proper live in typed config (``key=value`` overrides); these are the
-few that describe the deployment around it.
+Code reads the environment only through :func:`get` (a test checks it). Stage settings
+proper live in typed config (``key=value`` overrides); the variables here describe the
+deployment around the stages, or are set for lmpipe by the programs that start it:
+
+- ``deployment``: set by whoever deploys lmpipe; ``docker/compose.yaml`` and
+  ``docker/.env.example`` set them by these names, and a test checks the two agree;
+- ``runtime``: set by a launcher or library (DeepSpeed, spark-submit, Airflow) or by lmpipe
+  for its own child processes; nobody sets them by hand;
+- ``demo``: knobs of ``make demo``.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -17,6 +24,7 @@ class Setting:
     name: str
     default: str | None
     help: str
+    kind: Literal["deployment", "runtime", "demo"] = "deployment"
 
 
 SETTINGS = {s.name: s for s in [
@@ -34,9 +42,35 @@ SETTINGS = {s.name: s for s in [
     Setting("LMPIPE_API_KEY", None, "API key the serving job requires, and clients send"),
     Setting("LMPIPE_SPARK_LOG_LEVEL", "WARN", "Spark log level in lmpipe's Spark jobs"),
     Setting("LMPIPE_PROGRESS_S", "5", "seconds between progress lines of long Spark stages"),
+    # set by launchers and libraries
+    Setting("RANK", None, "the global rank of a training process (DeepSpeed's launcher)", "runtime"),
+    Setting("LOCAL_RANK", "0", "the rank on its node, which picks the GPU (DeepSpeed's launcher)", "runtime"),
+    Setting("AIRFLOW_CTX_DAG_RUN_ID", None, "the Airflow run a stage runs for (Airflow); a lineage tag", "runtime"),
+    Setting("SPARK_SUBMIT_OPTS", None, "set by spark-submit: tells a submitted job from a local session", "runtime"),
+    Setting("SPARK_ENV_LOADED", None, "set by spark-submit: tells a submitted job from a local session", "runtime"),
+    Setting("PYSPARK_PYTHON", None, "the executors' Python; a local session uses lmpipe's own interpreter", "runtime"),
+    Setting("PYSPARK_DRIVER_PYTHON", None, "the driver's Python; a local session uses lmpipe's own", "runtime"),
+    Setting("SPARK_LOCAL_IP", None, "Spark's bind address; a local session stays on 127.0.0.1", "runtime"),
+    Setting("GX_ANALYTICS_ENABLED", None, "Great Expectations' usage analytics; lmpipe turns them off", "runtime"),
+    Setting("MLFLOW_S3_ENDPOINT_URL", None, "MLflow's S3 endpoint; lmpipe passes storage.endpoint_url on", "runtime"),
+    Setting("PATH", None, "the OS's; the DAG adds pyspark's spark-submit to it when no Spark is installed", "runtime"),
+    # make demo
+    Setting("DEMO_MB", "8", "size of the demo corpus in MB", "demo"),
+    Setting("DEMO_STEPS", None, "training steps of the demo run (default: the recipe's)", "demo"),
 ]}
 
 
 def get(name: str) -> str | None:
     """The value of a known setting (its default when unset or empty)."""
     return os.environ.get(name) or SETTINGS[name].default
+
+
+def explicit(name: str) -> str | None:
+    """The value of a known setting only when it is set (its default otherwise counts as unset)."""
+    assert name in SETTINGS, name
+    return os.environ.get(name) or None
+
+
+def home() -> Path:
+    """``LMPIPE_HOME``: where lmpipe keeps local state (default ``~/.lmpipe``)."""
+    return Path(get("LMPIPE_HOME") or Path.home() / ".lmpipe").expanduser().resolve()

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import logging
 import time
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,8 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from lmpipe.errors import LmpipeError
 from serving import engine
 from serving.models import ModelManager
-
-log = logging.getLogger("lmpipe.serve")
 
 
 class CompletionRequest(BaseModel):
@@ -47,30 +44,42 @@ def error(status: int, message: str, param=None, code=None, kind="invalid_reques
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
-def create_app(cfg, manager: ModelManager | None = None) -> FastAPI:
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+class Metrics:
+    """The Prometheus series the server exports, in a registry of its own."""
 
-    reg = CollectorRegistry()
-    m_requests = Counter("lmpipe_requests_total", "HTTP requests", ["route", "status"], registry=reg)
-    m_latency = Histogram("lmpipe_request_seconds", "Request latency", ["route"], registry=reg)
-    m_tokens = Counter("lmpipe_tokens_generated_total", "Tokens generated", registry=reg)
-    m_queue = Gauge("lmpipe_queue_depth", "Requests queued or decoding", registry=reg)
-    m_version = Gauge("lmpipe_model_info", "The model being served", ["name", "version"], registry=reg)
-    m_reload_fail = Counter("lmpipe_reload_failures_total", "Reloads that failed (the old model kept serving)",
-                            registry=reg)
-    m_reload_ok = Counter("lmpipe_reloads_total", "Reloads that swapped in a new model", registry=reg)
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-    batcher = engine.Batcher(cfg.max_batch, cfg.max_queue, cfg.batch_wait_ms, on_tokens=m_tokens.inc)
-    manager = manager or ModelManager(cfg)
+        self.registry = reg = CollectorRegistry()
+        self.requests = Counter("lmpipe_requests_total", "HTTP requests", ["route", "status"], registry=reg)
+        self.latency = Histogram("lmpipe_request_seconds", "Request latency", ["route"], registry=reg)
+        self.tokens = Counter("lmpipe_tokens_generated_total", "Tokens generated", registry=reg)
+        self.queue = Gauge("lmpipe_queue_depth", "Requests queued or decoding", registry=reg)
+        self.version = Gauge("lmpipe_model_info", "The model being served", ["name", "version"], registry=reg)
+        self.reload_failures = Counter("lmpipe_reload_failures_total",
+                                       "Reloads that failed (the old model kept serving)", registry=reg)
+        self.reloads = Counter("lmpipe_reloads_total", "Reloads that swapped in a new model", registry=reg)
 
-    def on_swap(old, new):
+    def swapped(self, old, new) -> None:
         if old is not None:
-            m_version.remove(old.name, str(old.version))
-        m_version.labels(new.name, str(new.version)).set(1)
-        m_reload_ok.inc()
+            self.version.remove(old.name, str(old.version))
+        self.version.labels(new.name, str(new.version)).set(1)
+        self.reloads.inc()
 
-    manager.on_swap = on_swap
-    manager.on_failure = lambda exc: m_reload_fail.inc()
+    def text(self, depth: int) -> str:
+        from prometheus_client import generate_latest
+
+        self.queue.set(depth)
+        return generate_latest(self.registry).decode()
+
+
+def create_app(cfg, manager: ModelManager | None = None) -> FastAPI:
+    metrics = Metrics()
+    batcher = engine.Batcher(cfg.max_batch, cfg.max_queue, cfg.batch_wait_ms, on_tokens=metrics.tokens.inc)
+    manager = manager or ModelManager(cfg)
+    manager.on_swap = metrics.swapped
+    manager.on_failure = lambda exc: metrics.reload_failures.inc()
+
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         manager.start()  # loads the model in the background: /healthz answers at once, /readyz once loaded
@@ -78,96 +87,113 @@ def create_app(cfg, manager: ModelManager | None = None) -> FastAPI:
         manager.stop()
 
     app = FastAPI(title="lmpipe", version="1", lifespan=lifespan)
-    app.state.manager, app.state.batcher = manager, batcher
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_req, exc: ApiError):
-        return error(exc.status, exc.message, exc.param, exc.code, exc.kind)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_req, exc: RequestValidationError):
-        e = exc.errors()[0]
-        if e.get("type") == "json_invalid":
-            return error(400, "malformed JSON in the request body", None, "invalid_json")
-        param = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or None
-        return error(400, f"invalid '{param}': {e.get('msg')}", param)
-
-    @app.middleware("http")
-    async def _observe(request: Request, call_next):
-        t = time.perf_counter()
-        route = request.url.path
-        if route.startswith("/v1/") or route.startswith("/admin/"):
-            if cfg.api_key and not _authorized(request.headers.get("authorization", ""), cfg.api_key):
-                m_requests.labels(route, "401").inc()
-                return error(401, "Incorrect API key provided: send 'Authorization: Bearer <key>'", None,
-                             "invalid_api_key")
-        response = await call_next(request)
-        m_requests.labels(route, str(response.status_code)).inc()
-        m_latency.labels(route).observe(time.perf_counter() - t)
-        return response
-
-    @app.get("/healthz")
-    async def healthz():
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz():
-        if manager.current is None:
-            return JSONResponse({"status": "loading", "error": manager.last_error}, status_code=503)
-        return {"status": "ready", "model": manager.current.label}
-
-    @app.get("/metrics")
-    async def metrics():
-        m_queue.set(batcher.depth)
-        return PlainTextResponse(generate_latest(reg).decode(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models")
-    async def models():
-        cur = manager.current
-        data = []
-        if cur is not None:
-            data.append({"id": cur.name, "object": "model", "created": int(cur.loaded_at), "owned_by": "lmpipe",
-                         "version": cur.version, "source": manager.ref, "last_reload_error": manager.last_error})
-        return {"object": "list", "data": data}
-
-    @app.post("/admin/reload")
-    async def reload():
-        try:
-            changed = await asyncio.to_thread(manager.reload)
-        except LmpipeError as exc:
-            raise ApiError(500, f"reload failed, still serving {manager.current and manager.current.label}: {exc}",
-                           code="reload_failed", kind="server_error") from None
-        return {"reloaded": changed, "model": manager.current.label}
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        cur = manager.current
-        if cur is None:
-            raise ApiError(503, "no model is loaded yet", code="model_not_ready", kind="server_error")
-        if body.model not in (cur.name, cur.label):
-            raise ApiError(404, f"The model '{body.model}' does not exist; this server serves '{cur.name}'",
-                           "model", "model_not_found")
-        reqs, prompts = _build(body, cur, cfg, asyncio.get_running_loop())
-        try:
-            batcher.submit(reqs)
-        except engine.QueueFull as exc:
-            raise ApiError(429, f"server busy: {exc}; retry later", code="rate_limit_exceeded",
-                           kind="rate_limit_error") from None
-        cid, created = engine.completion_id(), int(time.time())
-        if body.stream:
-            return StreamingResponse(_stream(request, body, cur, reqs, prompts, cid, created),
-                                     media_type="text/event-stream")
-        choices = await asyncio.gather(*(_collect(r, body, cur, prompts[r.index // body.n]) for r in reqs))
-        if any("error" in c for c in choices):
-            raise ApiError(500, next(c["error"] for c in choices if "error" in c), kind="server_error")
-        completion = sum(c.pop("_tokens") for c in choices)
-        prompt_tokens = sum(len(cur.tokenizer(p).input_ids) for p in prompts)
-        return {"id": cid, "object": "text_completion", "created": created, "model": cur.name,
-                "system_fingerprint": cur.label, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                          "total_tokens": prompt_tokens + completion}}
-
+    app.state.cfg, app.state.manager, app.state.batcher, app.state.metrics = cfg, manager, batcher, metrics
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.middleware("http")(_observe)
+    app.include_router(router)
     return app
+
+
+async def _api_error(_req, exc: ApiError):
+    return error(exc.status, exc.message, exc.param, exc.code, exc.kind)
+
+
+async def _invalid(_req, exc: RequestValidationError):
+    e = exc.errors()[0]
+    if e.get("type") == "json_invalid":
+        return error(400, "malformed JSON in the request body", None, "invalid_json")
+    param = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or None
+    return error(400, f"invalid '{param}': {e.get('msg')}", param)
+
+
+async def _observe(request: Request, call_next):
+    """Auth for /v1 and /admin, and request metrics by route and status."""
+    cfg, metrics = request.app.state.cfg, request.app.state.metrics
+    t = time.perf_counter()
+    route = request.url.path
+    if route.startswith("/v1/") or route.startswith("/admin/"):
+        if cfg.api_key and not _authorized(request.headers.get("authorization", ""), cfg.api_key):
+            metrics.requests.labels(route, "401").inc()
+            return error(401, "Incorrect API key provided: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
+    response = await call_next(request)
+    metrics.requests.labels(route, str(response.status_code)).inc()
+    metrics.latency.labels(route).observe(time.perf_counter() - t)
+    return response
+
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz():
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request):
+    manager = request.app.state.manager
+    if manager.current is None:
+        return JSONResponse({"status": "loading", "error": manager.last_error}, status_code=503)
+    return {"status": "ready", "model": manager.current.label}
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    text = request.app.state.metrics.text(request.app.state.batcher.depth)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    manager = request.app.state.manager
+    cur = manager.current
+    data = []
+    if cur is not None:
+        data.append({"id": cur.name, "object": "model", "created": int(cur.loaded_at), "owned_by": "lmpipe",
+                     "version": cur.version, "source": manager.ref, "last_reload_error": manager.last_error})
+    return {"object": "list", "data": data}
+
+
+@router.post("/admin/reload")
+async def reload(request: Request):
+    manager = request.app.state.manager
+    try:
+        changed = await asyncio.to_thread(manager.reload)
+    except LmpipeError as exc:
+        raise ApiError(500, f"reload failed, still serving {manager.current and manager.current.label}: {exc}",
+                       code="reload_failed", kind="server_error") from None
+    return {"reloaded": changed, "model": manager.current.label}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    cfg, manager, batcher = request.app.state.cfg, request.app.state.manager, request.app.state.batcher
+    cur = manager.current
+    if cur is None:
+        raise ApiError(503, "no model is loaded yet", code="model_not_ready", kind="server_error")
+    if body.model not in (cur.name, cur.label):
+        raise ApiError(404, f"The model '{body.model}' does not exist; this server serves '{cur.name}'",
+                       "model", "model_not_found")
+    reqs, prompts = _build(body, cur, cfg, asyncio.get_running_loop())
+    try:
+        batcher.submit(reqs)
+    except engine.QueueFull as exc:
+        raise ApiError(429, f"server busy: {exc}; retry later", code="rate_limit_exceeded",
+                       kind="rate_limit_error") from None
+    cid, created = engine.completion_id(), int(time.time())
+    if body.stream:
+        return StreamingResponse(_stream(request, body, cur, reqs, prompts, cid, created),
+                                 media_type="text/event-stream")
+    choices = await asyncio.gather(*(_collect(r, body, cur, prompts[r.index // body.n]) for r in reqs))
+    if any("error" in c for c in choices):
+        raise ApiError(500, next(c["error"] for c in choices if "error" in c), kind="server_error")
+    completion = sum(c.pop("_tokens") for c in choices)
+    prompt_tokens = sum(len(cur.tokenizer(p).input_ids) for p in prompts)
+    return {"id": cid, "object": "text_completion", "created": created, "model": cur.name,
+            "system_fingerprint": cur.label, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": prompt_tokens + completion}}
 
 
 def _authorized(header: str, key: str) -> bool:

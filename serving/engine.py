@@ -145,13 +145,7 @@ class Batcher:
             return
         dev = next(m.model.parameters()).device
         pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
-        eos = m.tokenizer.eos_token_id
-        width = max(len(r.prompt_ids) for r in live)
-        ids = torch.full((len(live), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(live), width), dtype=torch.long)
-        for i, r in enumerate(live):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
+        ids, mask = _left_padded([r.prompt_ids for r in live], pad)
         ids, mask = ids.to(dev), mask.to(dev)
         gens = [torch.Generator().manual_seed(r.seed if r.seed is not None else int(time.time_ns() % 2**31) + i)
                 for i, r in enumerate(live)]
@@ -159,48 +153,14 @@ class Batcher:
         with torch.no_grad():
             out = m.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                           use_cache=True)
-            for step in range(max(r.max_tokens for r in live)):
+            for _step in range(max(r.max_tokens for r in live)):
                 logits = out.logits[:, -1, :].float().cpu()
                 logp = torch.log_softmax(logits, dim=-1)  # one batched pass; rows only pick from it
                 greedy = torch.argmax(logits, dim=-1).tolist()
                 nxt = torch.full((len(live), 1), pad, dtype=torch.long)
                 for i, r in enumerate(live):
-                    s = state[i]
-                    if s["done"]:
-                        continue
-                    if r.cancelled.is_set():
-                        s["done"] = True
-                        self.release(r)
-                        r.emit({"done": True, "finish_reason": "cancelled"})
-                        continue
-                    tok, lp, top = _sample(logits[i], logp[i], greedy[i], r, gens[i])
-                    nxt[i, 0] = tok
-                    finish = "stop" if tok == eos else None
-                    if tok != eos:
-                        s["ids"].append(tok)
-                    if r.logprobs is not None:
-                        s.setdefault("tokens", []).append(
-                            {"token": m.tokenizer.decode([tok]) if tok != eos else "", "logprob": lp, "top": top})
-                    if finish is None and (r.stream or r.stop):  # text is needed every step only for these
-                        s["text"] = m.tokenizer.decode(s["ids"], skip_special_tokens=True)
-                        finish = _stop_hit(s, r.stop)
-                    n_out = len(s["ids"]) + (tok == eos)
-                    if finish is None and n_out >= r.max_tokens:
-                        finish = "length"
-                    if finish and not (r.stream or r.stop):
-                        s["text"] = m.tokenizer.decode(s["ids"], skip_special_tokens=True)
-                    if r.stream:
-                        # hold back a possibly incomplete stop string or UTF-8 sequence
-                        safe = len(s["text"]) if finish else _safe_len(s["text"], r.stop)
-                        delta = s["text"][s["sent"]:safe]
-                        s["sent"] = max(s["sent"], safe)
-                        r.emit({"delta": delta, **(s["tokens"][-1] if r.logprobs is not None else {}),
-                                "completion_tokens": n_out})
-                    if finish:
-                        s["done"] = True
-                        self.release(r)
-                        r.emit({"done": True, "finish_reason": finish, "completion_tokens": n_out,
-                                "text": s["text"], "tokens": s.get("tokens", [])})
+                    if not state[i]["done"]:
+                        nxt[i, 0] = self._next_token(m, r, state[i], logits[i], logp[i], greedy[i], gens[i])
                 self.on_tokens(sum(1 for s in state if s["ids"]))
                 if all(s["done"] for s in state):
                     break
@@ -208,6 +168,55 @@ class Batcher:
                 pos = (mask.sum(-1, keepdim=True) - 1)
                 out = m.model(input_ids=nxt.to(dev), attention_mask=mask, position_ids=pos,
                               past_key_values=out.past_key_values, use_cache=True)
+
+    def _next_token(self, m: Loaded, r: Request, s: dict, logits, logp, greedy: int, gen) -> int:
+        """Sample one row's next token, stream its text, and finish the row on EOS, a stop string or length."""
+        eos = m.tokenizer.eos_token_id
+        if r.cancelled.is_set():
+            s["done"] = True
+            self.release(r)
+            r.emit({"done": True, "finish_reason": "cancelled"})
+            return eos
+        tok, lp, top = _sample(logits, logp, greedy, r, gen)
+        finish = "stop" if tok == eos else None
+        if tok != eos:
+            s["ids"].append(tok)
+        if r.logprobs is not None:
+            s.setdefault("tokens", []).append(
+                {"token": m.tokenizer.decode([tok]) if tok != eos else "", "logprob": lp, "top": top})
+        if finish is None and (r.stream or r.stop):  # text is needed every step only for these
+            s["text"] = m.tokenizer.decode(s["ids"], skip_special_tokens=True)
+            finish = _stop_hit(s, r.stop)
+        n_out = len(s["ids"]) + (tok == eos)
+        if finish is None and n_out >= r.max_tokens:
+            finish = "length"
+        if finish and not (r.stream or r.stop):
+            s["text"] = m.tokenizer.decode(s["ids"], skip_special_tokens=True)
+        if r.stream:
+            # hold back a possibly incomplete stop string or UTF-8 sequence
+            safe = len(s["text"]) if finish else _safe_len(s["text"], r.stop)
+            delta = s["text"][s["sent"]:safe]
+            s["sent"] = max(s["sent"], safe)
+            r.emit({"delta": delta, **(s["tokens"][-1] if r.logprobs is not None else {}), "completion_tokens": n_out})
+        if finish:
+            s["done"] = True
+            self.release(r)
+            r.emit({"done": True, "finish_reason": finish, "completion_tokens": n_out,
+                    "text": s["text"], "tokens": s.get("tokens", [])})
+        return tok
+
+
+def _left_padded(prompts: list[list[int]], pad: int):
+    """(ids, attention mask) of the prompts, left-padded to the longest."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
 
 
 def _stop_hit(s: dict, stops: list[str]) -> str | None:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import threading
 import time
-from pathlib import Path
 
-from lmpipe import tracking
 from lmpipe.errors import LmpipeError
-from lmpipe.storage import open_store
+from lmpipe.log import log
+from registry import resolve as resolver
 from serving import engine
-
-log = logging.getLogger("lmpipe.serve")
 
 
 class ModelManager:
@@ -31,52 +26,28 @@ class ModelManager:
         self._stop = threading.Event()
 
     # -- resolution -------------------------------------------------------------------------
-    def target(self) -> tuple[str, str | None, str]:
-        """(name, version, source) the ref points at right now."""
-        ref = self.ref
-        if ref.startswith("models:/"):
-            c = tracking.client(self.cfg.tracking)
-            name, _, rest = ref[len("models:/"):].partition("/")
-            name, _, alias = name.partition("@")
-            v = tracking.alias_version(c, name, alias) if alias else c.get_model_version(name, rest)
-            if v is None:
-                raise LmpipeError(f"{ref}: no version of {name} has alias {alias!r}")
-            return name, str(v.version), f"models:/{name}/{v.version}"
-        return Path(ref.rstrip("/")).name or "model", None, ref
-
-    def _fetch(self, name: str, version: str | None, source: str) -> Path:
-        if source.startswith("models:/"):
-            import mlflow
-
-            dest = tracking.home() / "serving" / name / str(version)
-            if not (dest / ".complete").is_file():
-                mlflow.artifacts.download_artifacts(source, dst_path=str(dest))
-                (dest / ".complete").touch()
-            return dest
-        if source.startswith("s3://"):
-            dest = tracking.home() / "serving" / hashlib.sha256(source.encode()).hexdigest()[:16]
-            open_store(source, self.cfg.storage).download_prefix("", dest)
-            return dest
-        return Path(open_store(source).root)
+    def target(self) -> resolver.ModelRef:
+        """What the reference points at right now."""
+        return resolver.lookup(self.ref, self.cfg.tracking)
 
     # -- loading ----------------------------------------------------------------------------
     def reload(self) -> bool:
         """Load what the ref points at if it differs from what is served; swap atomically."""
         with self._lock:
             try:
-                name, version, source = self.target()
-                if self.current is not None and self.current.version == version and version is not None:
+                ref = self.target()
+                if self.current is not None and self.current.version == ref.version and ref.version is not None:
                     return False
-                new = engine.load(self._fetch(name, version, source), name, version)
+                new = engine.load(resolver.fetch(ref, self.cfg.storage), ref.name, ref.version)
             except Exception as exc:
                 self.last_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {exc}"
                 self.on_failure(exc)
-                log.error("reload failed; still serving %s: %s", self.current and self.current.label, exc)
+                log(f"reload failed; still serving {self.current and self.current.label}: {exc}", level="error")
                 raise exc if isinstance(exc, LmpipeError) else LmpipeError(str(exc)) from exc
             old, self.current = self.current, new  # one reference assignment: atomic
             self.last_error = None
             self.on_swap(old, new)
-            log.warning("now serving %s (was %s)", new.label, old and old.label)
+            log(f"now serving {new.label} (was {old and old.label})")
             return True
 
     def start(self) -> None:

@@ -9,27 +9,28 @@ watches it and swaps in the new version without downtime; ``POST /admin/reload``
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import field
 from typing import Literal
 
 from lmpipe import config as cfglib
+from lmpipe import settings
 from lmpipe.config import stage_config
 from lmpipe.errors import ConfigError, LmpipeError
+from lmpipe.log import log
 from lmpipe.storage import StorageConfig
-from lmpipe.tracking import TrackingConfig
+from registry.tracking import TrackingConfig
 
 
 @stage_config
 class ServeConfig:
-    model: str = "models:/lmpipe@champion"
-    host: str = "127.0.0.1"
-    port: int = 8000
+    model: str = "models:/lmpipe@champion"  # what to serve: a registry alias is watched and swapped without downtime
+    host: str = "127.0.0.1"  # bind address; keep it on loopback without an API key
+    port: int = 8000  # listen port
     api_key: str | None = None  # default: $LMPIPE_API_KEY; when set, every /v1 and /admin route needs it
-    backend: Literal["transformers", "vllm"] = "transformers"
-    max_tokens_limit: int = 512
-    max_n: int = 4
+    backend: Literal["transformers", "vllm"] = "transformers"  # the built-in server runs transformers; vllm prints how to serve the export with vLLM
+    max_tokens_limit: int = 512  # largest max_tokens a request may ask for
+    max_n: int = 4  # largest n (completions per prompt) a request may ask for
     max_batch: int = 8  # requests decoded together
     batch_wait_ms: float = 5.0  # how long the first request waits for company
     max_queue: int = 64  # requests queued or decoding; past it, 429
@@ -39,8 +40,8 @@ class ServeConfig:
 
 
 def resolve(cfg: ServeConfig) -> ServeConfig:
-    if cfg.api_key is None and os.environ.get("LMPIPE_API_KEY"):
-        cfg.api_key = os.environ["LMPIPE_API_KEY"]
+    if cfg.api_key is None and settings.get("LMPIPE_API_KEY"):
+        cfg.api_key = settings.get("LMPIPE_API_KEY")
     if cfg.backend == "vllm":
         try:
             import vllm  # noqa: F401
@@ -61,7 +62,6 @@ def run(cfg: ServeConfig) -> int:
     import uvicorn
 
     cfg = resolve(cfg)
-    from lmpipe.log import log
     from serving.app import create_app
 
     log(f"serving {cfg.model} on http://{cfg.host}:{cfg.port} (OpenAI API at /v1; auth "
@@ -71,11 +71,11 @@ def run(cfg: ServeConfig) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or an exported model folder")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--api-key", help="require this bearer key (default: $LMPIPE_API_KEY)")
-    p.add_argument("--config", help="YAML or JSON config (a 'serve:' section is used if present)")
+    p.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or an exported model folder (model)")
+    p.add_argument("--host", help="address to bind; keep it on loopback without an API key (host)")
+    p.add_argument("--port", type=int, help="port to listen on (port)")
+    p.add_argument("--api-key", help="require this bearer key; default: $LMPIPE_API_KEY (api_key)")
+    p.add_argument("--config", help="YAML or JSON config: serve keys, or a run config whose 'serve' section is used")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. max_batch=16 watch_interval_s=5")
 
 
@@ -85,7 +85,7 @@ def config_from_args(args) -> ServeConfig:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="lmpipe serve")
+    p = argparse.ArgumentParser(prog="lmpipe serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(p)
     try:
         return run(config_from_args(p.parse_args(argv)))

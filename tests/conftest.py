@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+# The DAGs' task bodies live in a package in the DAG folder, which Airflow puts on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dags"))
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("LMPIPE_PROGRESS_S", "30")
@@ -63,7 +67,7 @@ def write_jsonl(path: Path, docs: list) -> Path:
 @pytest.fixture(scope="session")
 def demo_corpus_dir(tmp_path_factory) -> Path:
     """~2.5 MB of real text (Python's docs and stdlib) in one JSONL file."""
-    from lmpipe import demo_corpus
+    from spark_jobs import demo_corpus
 
     out = tmp_path_factory.mktemp("demo") / "corpus"
     demo_corpus.write(str(out), 2.5)

@@ -56,7 +56,7 @@ def tiny_export(dest: Path, shards: Path, seed: int) -> Path:
 
     man = json.loads((shards / "manifest.json").read_text())
     torch.manual_seed(seed)
-    m = recipes.tiny()
+    m = recipes.tiny().model
     m.max_position_embeddings = 128
     model = recipes.build_model(m, man["tokenizer"]["vocab_size"], man["tokenizer"]["eos_id"])
     model.config.use_cache = True
@@ -69,7 +69,7 @@ def tiny_export(dest: Path, shards: Path, seed: int) -> Path:
 
 def register(export: Path, name: str, tracking_cfg) -> str:
     """Log an export as an MLflow run's model and register it; return the version."""
-    from lmpipe import tracking
+    from registry import tracking
 
     c = tracking.client(tracking_cfg)
     run = c.create_run(tracking.experiment_id(c, tracking_cfg))

@@ -22,7 +22,7 @@ import pytest
 from airflow_live import LiveAirflow, airflow_live
 from conftest import write_jsonl
 
-from lmpipe.pipeline import safe_run_id
+from lmpipe_airflow.lm_pipeline import safe_run_id
 
 pytestmark = pytest.mark.slow
 
@@ -33,16 +33,16 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]  # 
 CREDS_DAG = '''
 from airflow.sdk import dag, task
 
-from lmpipe import pipeline
+from lmpipe_airflow.common import aws_env, stage
 
 
 @dag(dag_id="s3_creds", schedule=None)
 def s3_creds():
     @task
     def use(out: str) -> dict:
-        env = pipeline.aws_env("aws_default")
+        env = aws_env("aws_default")
         print("the secret key is " + env["AWS_SECRET_ACCESS_KEY"])
-        pipeline.stage(["demo-corpus", "--out", out, "--max-mb", "0.01"], env)  # a real S3 write with them
+        stage(["demo-corpus", "--out", out, "--max-mb", "0.01"], env)  # a real S3 write with them
         return {"variables": sorted(env)}
 
     use("{{ dag_run.conf['out'] }}")
@@ -60,8 +60,9 @@ def live(tmp_path_factory, demo_corpus_dir, s3_endpoint) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("live")
     dags = root / "dags"  # the project's DAG files, plus a probe of the aws connection
     dags.mkdir()
-    for f in (REPO / "dags").glob("*.py"):
-        (dags / f.name).symlink_to(f)
+    for f in (REPO / "dags").iterdir():  # the DAG files, their task package and .airflowignore
+        if f.name != "__pycache__":
+            (dags / f.name).symlink_to(f)
     (dags / "s3_creds.py").write_text(CREDS_DAG)
     lines = next(Path(demo_corpus_dir).glob("*.jsonl")).read_text().splitlines()
     write_jsonl(root / "corpus" / "date=2026-11-20" / "part-0.jsonl", lines[:100])
@@ -147,7 +148,7 @@ def _rank_processes(run_dir: Path) -> list[psutil.Process]:
     out = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "training.rank" in cmd and str(run_dir) in cmd:
+        if "training.trainer" in cmd and str(run_dir) in cmd:
             out.append(p)
     return out
 
@@ -158,13 +159,13 @@ def test_rest_trigger_incremental_run_with_train_killed_and_cleared(live):
     assert "ui_run" in live, "needs the UI run's shards and champion"
     # margin 1.0 asks for a 100% perplexity gain: promotion must refuse, and the run still succeed
     conf = {"vocab_size": 400, "seq_len": 64, "max_steps": 9, "margin": 1.0,
-            "overrides": ["save_every=3", "log_every=1", "debug.step_delay_s=1.5"]}
+            "train_overrides": ["save_every=3", "log_every=1", "debug.step_delay_s=1.5"]}
 
     def runs() -> int:
         return af.api("GET", "/dags/lm_pipeline/dagRuns").json()["total_entries"]
 
     before = runs()
-    for bad in ({**conf, "zero_stage": 5}, {**conf, "max_steps": "many"}, {**conf, "overrides": ["rm -rf /"]},
+    for bad in ({**conf, "zero_stage": 5}, {**conf, "max_steps": "many"}, {**conf, "train_overrides": ["rm -rf /"]},
                 {**conf, "recipe": "gpt5"}):
         r = af.api("POST", "/dags/lm_pipeline/dagRuns", json={"logical_date": None, "conf": bad})
         assert r.status_code == 400, (bad, r.status_code, r.text)

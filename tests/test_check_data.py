@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_jsonl
-from lmpipe import check_data, config, manifest
-from lmpipe.shards import read_shard, write_shard
+from data_checks import check_data
+from lmpipe import config, manifest
+from lmpipe.manifest import read_shard, write_shard
 from lmpipe.storage import open_store, sha256_file
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import pytest
 import zstandard
 
 from conftest import write_jsonl
-from lmpipe import corpus
-from lmpipe.corpus import CorpusConfig
+from spark_jobs import corpus
+from spark_jobs.corpus import CorpusConfig
 from lmpipe.errors import CorpusError
 from lmpipe.storage import open_store
 

@@ -22,11 +22,11 @@ PROBE = textwrap.dedent("""
 
     socket.socket.connect = refuse
     socket.create_connection = refuse
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow.dag_processing.dagbag import BundleDagBag
     from airflow.sdk.exceptions import ParamValidationError
     from airflow.serialization.serialized_objects import DagSerialization
 
-    bag = DagBag(dag_folder=sys.argv[1])
+    bag = BundleDagBag(dag_folder=sys.argv[1], bundle_path=sys.argv[1], bundle_name="dags-folder")  # as the dag-processor
     heavy = sorted(m for m in ("torch", "pyspark", "deepspeed", "transformers", "mlflow", "great_expectations")
                    if m in sys.modules)
     out = {"errors": {k: str(v) for k, v in bag.import_errors.items()}, "heavy": heavy, "dags": {}}
@@ -50,12 +50,13 @@ PROBE = textwrap.dedent("""
             "catchup": dag.catchup, "max_active_runs": dag.max_active_runs, "tags": sorted(dag.tags),
             "doc": bool(dag.doc_md), "params": {k: dag.params.get_param(k).schema for k in dag.params},
             "descriptions": {k: dag.params.get_param(k).description for k in dag.params}, "verdicts": verdicts,
+            "defaults": {k: dag.params[k] for k in dag.params},
         }
     print("PROBE" + json.dumps(out))
 """)
 
 GOOD = {"corpus": "s3://bucket/corpus/", "output": "s3://bucket/lmpipe", "recipe": "gpt2-124m", "zero_stage": 3,
-        "nproc": 8, "nodes": 4, "max_steps": 1000, "overrides": ["optim.lr=0.001"]}
+        "nproc": 8, "nodes": 4, "max_steps": 1000, "train_overrides": ["optim.lr=0.001"]}
 BAD = {
     "bad_recipe": {"recipe": "gpt5"},
     "vocab_too_small": {"vocab_size": 100},
@@ -64,8 +65,8 @@ BAD = {
     "steps_string": {"max_steps": "lots"},
     "margin_over_one": {"margin": 1.5},
     "empty_corpus": {"corpus": ""},
-    "override_not_key_value": {"overrides": ["rm -rf /"]},
-    "override_not_list": {"overrides": "max_steps=3"},
+    "override_not_key_value": {"train_overrides": ["rm -rf /"]},
+    "override_not_list": {"tokenize_overrides": "seq_len=3"},
 }
 
 
@@ -108,9 +109,25 @@ def test_every_task_has_retries_delay_and_timeout(probe):
 def test_params_have_schema_description_and_default(probe):
     dag = probe["dags"]["lm_pipeline"]
     assert set(dag["params"]) == {"corpus", "output", "recipe", "vocab_size", "seq_len", "zero_stage", "nproc", "nodes",
-                                  "max_steps", "warm_start", "margin", "overrides"}
+                                  "max_steps", "warm_start", "margin", "tokenize_overrides", "check_overrides",
+                                  "train_overrides", "evaluate_overrides", "promote_overrides"}
     for name, schema in dag["params"].items():
         assert "type" in schema and dag["descriptions"][name], name
+
+
+def test_params_take_defaults_and_choices_from_the_stages_own_config(probe):
+    from registry.promote import PromoteConfig
+    from spark_jobs.config import TokenizeConfig
+    from training.config import TrainConfig
+    from training.recipes import RECIPES
+
+    dag = probe["dags"]["lm_pipeline"]
+    tok, train = TokenizeConfig(), TrainConfig()
+    assert dag["defaults"]["vocab_size"] == tok.tokenizer.vocab_size and dag["defaults"]["seq_len"] == tok.seq_len
+    assert dag["defaults"]["recipe"] == train.recipe and dag["params"]["recipe"]["enum"] == list(RECIPES)
+    assert dag["defaults"]["zero_stage"] == train.deepspeed.zero_stage and dag["params"]["zero_stage"]["enum"] == [0, 1, 2, 3]
+    assert dag["defaults"]["nproc"] == train.launch.nproc and dag["defaults"]["nodes"] == train.launch.num_nodes
+    assert dag["defaults"]["max_steps"] is None and dag["defaults"]["margin"] == PromoteConfig().margin
 
 
 def test_param_schemas_accept_good_and_reject_bad_values(probe):
@@ -132,20 +149,26 @@ def test_nightly_schedule_is_set_in_one_place(tmp_path):
 def test_train_runs_on_the_hostfiles_head_node_with_every_argument_quoted(tmp_path, monkeypatch):
     import shlex
 
-    from lmpipe import pipeline
+    from lmpipe.errors import ConfigError
+    from lmpipe_airflow import common
+    from lmpipe_airflow import lm_pipeline as tasks
 
-    params = {"recipe": "llama-1b", "zero_stage": 3, "nproc": 8, "nodes": 2, "max_steps": 10, "warm_start": False,
-              "overrides": ["debug.step_delay_s=0"]}
-    root = "/data/out/runs/x; rm -rf ~"
+    params = {"corpus": "/data/corpus", "output": "/data/out", "recipe": "llama-1b", "vocab_size": 32000,
+              "seq_len": 2048, "zero_stage": 3, "nproc": 8, "nodes": 2, "max_steps": 10, "warm_start": False,
+              "margin": 0.01, "train_overrides": ["debug.step_delay_s=0"],
+              **{f"{s}_overrides": [] for s in ("tokenize", "check", "evaluate", "promote")}}
+    root = str(tmp_path / "runs" / "x; rm -rf ~")
     monkeypatch.delenv("LMPIPE_HOSTFILE", raising=False)
-    with pytest.raises(Exception, match="LMPIPE_HOSTFILE"):
-        pipeline.train_args(root, params)
+    with pytest.raises(ConfigError, match="LMPIPE_HOSTFILE"):
+        tasks.run_config(params, root, None)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# GPU nodes\ngpu-0 slots=8\ngpu-1 slots=8\n")
     monkeypatch.setenv("LMPIPE_HOSTFILE", str(hostfile))
-    args, host = pipeline.train_args(root, params)
-    assert host == "gpu-0" and args[args.index("--hostfile") + 1] == str(hostfile)
-    assert "launch.num_nodes=2" in args and args[-1] == "debug.step_delay_s=0"
-    cmd = pipeline.stage_command(args, host)
+    train = tasks.run_config(params, root, None)["train"]
+    assert (train.launch.hostfile, train.launch.num_nodes, train.launch.nproc) == (str(hostfile), 2, 8)
+    assert train.debug.step_delay_s == 0 and train.deepspeed.zero_stage == 3
+    assert tasks.head_node(str(hostfile)) == "gpu-0"
+    args = ["train", "--config", f"{root}/run_config.yaml"]
+    cmd = common.stage_command(args, "gpu-0")
     assert cmd[:5] == ["ssh", "-tt", "-o", "BatchMode=yes", "gpu-0"]
     assert shlex.split(cmd[5]) == ["python", "-m", "lmpipe.cli", *args]  # what the remote shell runs, verbatim

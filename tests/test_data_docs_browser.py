@@ -4,13 +4,12 @@ import re
 import shutil
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from browser import dom, screenshot
-from lmpipe import check_data, config
+from data_checks import check_data
+from lmpipe import config
 
-pytestmark = pytest.mark.slow
 
 
 def test_failed_expectations_are_visible_in_chromium(real_shards, tmp_path):

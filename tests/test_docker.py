@@ -25,23 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 ENV_EXAMPLE = DOCKER / ".env.example"
-RUNBOOK = DOCKER.parent / "README.md"  # the runbook is the README's Deployment section
+RUNBOOK = ROOT / "docs" / "deploy" / "zero-sizing.md"
 POD_TEMPLATE = DOCKER / "k8s" / "train-pod.yaml"
 
-# Variables the code reads that launchers and libraries set, never a deployment; every other
-# variable the code reads must be a setting (lmpipe/settings.py).
-LAUNCHER_PROVIDED = {
-    "RANK", "LOCAL_RANK",  # DeepSpeed's launcher, in each rank
-    "AIRFLOW_CTX_DAG_RUN_ID",  # Airflow, in a task's environment
-    "SPARK_SUBMIT_OPTS", "SPARK_ENV_LOADED",  # spark-submit: tells a submitted job from a local one
-    # lmpipe.sparkutil sets these for a local Spark session unless set (the images set PYSPARK_PYTHON)
-    "PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "SPARK_LOCAL_IP",
-    "GX_ANALYTICS_ENABLED",  # lmpipe.checks turns Great Expectations' analytics off
-    "MLFLOW_S3_ENDPOINT_URL",  # lmpipe.tracking passes the storage endpoint on to MLflow
-    "PATH",  # the OS's; the DAG adds pyspark's spark-submit to it when no Spark is installed
-    "DEMO_MB", "DEMO_STEPS",  # `make demo`'s knobs, which the Makefile passes to lmpipe.demo
-}
-SCANNED = ("lmpipe", "training", "serving", "spark_jobs", "dags", "docker")
+SCANNED = ("lmpipe", "spark_jobs", "data_checks", "training", "registry", "serving", "dags", "docker")
 VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 SERVICE_KEYS = {"build", "image", "command", "entrypoint", "environment", "env_file", "ports", "volumes",
                 "depends_on", "healthcheck", "restart", "profiles", "hostname", "deploy", "shm_size", "ulimits",
@@ -139,20 +126,23 @@ def dockerignore_excludes(patterns: list[str], path: str) -> bool:
     return excluded
 
 
-def read_names(tree: ast.AST) -> tuple[set[str], list[int]]:
+def read_names(tree: ast.AST) -> tuple[set[str], list[int], list[int]]:
     """Environment names a module reads: os.environ[...], os.environ.get/setdefault, os.getenv,
-    "X" in os.environ, settings.get("X"); plus the lines of reads whose name is not a literal."""
+    "X" in os.environ, settings.get("X") / settings.explicit("X"); the lines of reads whose name
+    is not a literal; and the lines that read the environment other than through settings."""
     def is_environ(n: ast.AST) -> bool:
         return isinstance(n, ast.Attribute) and n.attr == "environ" and isinstance(n.value, ast.Name) \
             and n.value.id == "os"
 
-    names, dynamic = set(), []
+    names, dynamic, direct = set(), [], []
 
-    def take(arg: ast.AST, line: int) -> None:
+    def take(arg: ast.AST, line: int, through_settings: bool = False) -> None:
         if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
             names.add(arg.value)
         else:
             dynamic.append(line)
+        if not through_settings:
+            direct.append(line)
 
     for node in ast.walk(tree):
         if isinstance(node, ast.Subscript) and is_environ(node.value) and isinstance(node.ctx, ast.Load):
@@ -160,13 +150,14 @@ def read_names(tree: ast.AST) -> tuple[set[str], list[int]]:
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
             f = node.func
             if (f.attr in ("get", "setdefault") and is_environ(f.value)
-                    or f.attr == "getenv" and isinstance(f.value, ast.Name) and f.value.id == "os"
-                    or f.attr == "get" and isinstance(f.value, ast.Name) and f.value.id == "settings"):
+                    or f.attr == "getenv" and isinstance(f.value, ast.Name) and f.value.id == "os"):
                 take(node.args[0], node.lineno)
+            elif f.attr in ("get", "explicit") and isinstance(f.value, ast.Name) and f.value.id == "settings":
+                take(node.args[0], node.lineno, through_settings=True)
         elif isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops) \
                 and any(is_environ(c) for c in node.comparators):
             take(node.left, node.lineno)
-    return names, dynamic
+    return names, dynamic, direct
 
 
 def code_reads() -> dict[str, list[str]]:
@@ -174,9 +165,10 @@ def code_reads() -> dict[str, list[str]]:
     for top in SCANNED:
         for path in sorted((ROOT / top).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
-            names, dynamic = read_names(ast.parse(path.read_text(), rel))
+            names, dynamic, direct = read_names(ast.parse(path.read_text(), rel))
             if rel != "lmpipe/settings.py":  # settings.get(name) is the one generic reader
                 assert not dynamic, f"{rel}:{dynamic}: reads an environment variable by a computed name"
+                assert not direct, f"{rel}:{direct}: reads the environment without lmpipe.settings"
             for n in names:
                 reads.setdefault(n, []).append(rel)
     return reads
@@ -378,13 +370,14 @@ def test_shell_scripts_parse():
 # ---------------------------------------------------------------- one source of truth for names
 
 
-def test_code_reads_only_settings_or_launcher_variables():
-    unknown = {n: files for n, files in code_reads().items() if n not in settings.SETTINGS and n not in LAUNCHER_PROVIDED}
-    assert not unknown, f"environment variables read outside lmpipe/settings.py: {unknown}"
+def test_code_reads_the_environment_only_through_settings():
+    unknown = {n: files for n, files in code_reads().items() if n not in settings.SETTINGS}
+    assert not unknown, f"environment variables lmpipe/settings.py does not declare: {unknown}"
 
 
 def test_every_setting_is_set_by_the_deployment():
-    missing = set(settings.SETTINGS) - deployment_names()
+    deployment = {n for n, s in settings.SETTINGS.items() if s.kind == "deployment"}
+    missing = deployment - deployment_names()
     assert not missing, f"settings neither set in docker/compose.yaml nor listed in docker/.env.example: {missing}"
 
 

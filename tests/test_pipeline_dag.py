@@ -25,8 +25,10 @@ def airflow(env: dict, *args: str, timeout: int = 600) -> subprocess.CompletedPr
 
 
 def conf(corpus: Path, output: str, **kw) -> str:
+    # The corpus keeps its text under "content": the form reaches the reader through tokenize_overrides.
     return json.dumps({"corpus": str(corpus), "output": output, "vocab_size": 400, "seq_len": 64, "max_steps": 6,
-                       "nproc": 2, "warm_start": False, "overrides": ["micro_batch_size=4", "log_every=2"], **kw})
+                       "nproc": 2, "warm_start": False, "tokenize_overrides": ["reader.text_field=content"],
+                       "train_overrides": ["micro_batch_size=4", "log_every=2"], **kw})
 
 
 def cli_json(r: subprocess.CompletedProcess):
@@ -63,7 +65,8 @@ def af(tmp_path_factory, demo_corpus_dir):
     home.mkdir()
     (home / "sentinel").write_text("rm -rf ~ must never reach this")
     lines = next(Path(demo_corpus_dir).glob("*.jsonl")).read_text().splitlines()[:500]
-    corpus = write_jsonl(root / "corpus" / "date=2026-11-20" / "part-0.jsonl", lines).parent.parent
+    docs = [{"id": d["id"], "content": d["text"]} for d in map(json.loads, lines)]
+    corpus = write_jsonl(root / "corpus" / "date=2026-11-20" / "part-0.jsonl", docs).parent.parent
     env = {**os.environ, "HOME": str(home), "AIRFLOW_HOME": str(root / "airflow"),
            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
            "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
@@ -98,6 +101,42 @@ def test_dags_test_runs_end_to_end_and_leaves_a_champion(af, first_run):
     assert "promotion promoted" in log
 
 
+def test_every_stage_writes_its_resolved_config_and_its_outputs_point_at_it(af, first_run):
+    import hashlib
+
+    import yaml
+
+    from lmpipe_airflow.lm_pipeline import safe_run_id
+    from registry import tracking
+
+    assert first_run["run"]["state"] == "success"
+    out = Path(first_run["output"]) / "runs" / safe_run_id(first_run["run"]["run_id"])
+    run_config = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert run_config["tokenize"]["seq_len"] == 64 and run_config["train"]["launch"]["nproc"] == 2
+    # the text field set in tokenize_overrides reached the corpus gate too
+    assert json.loads((out / "checks" / "corpus" / "result.json").read_text())["config"]["reader"]["text_field"] == "content"
+    m = json.loads((out / "shards" / "manifest.json").read_text())
+    assert json.loads((out / "shards" / m["config_file"]).read_text())["reader"]["text_field"] == "content"
+    marker_file = sorted((out / "train" / "checkpoints").glob("step-*/COMMITTED.json"))[-1]
+    marker = json.loads(marker_file.read_text())
+    config = (marker_file.parent / marker["config"]).resolve()
+    assert config == out / "train" / "train_config.json"
+    assert hashlib.sha256(config.read_bytes()).hexdigest() == marker["config_sha256"]
+    train = json.loads(config.read_text())
+    assert (train["micro_batch_size"], train["optim"]["lr"], train["max_steps"]) == (4, 3e-3, 6)  # override, recipe, param
+    version = json.loads((out / "train" / "model_version.json").read_text())["version"]
+    prior = os.environ.get("MLFLOW_TRACKING_URI")  # tracking.client exports the URI to this process
+    c = tracking.client(tracking.TrackingConfig(uri=f"sqlite:///{af['root'] / 'lmpipe' / 'mlflow.db'}"))
+    try:
+        assert c.get_model_version("lmpipe", str(version)).tags["lmpipe.config"] == str(config)
+    finally:
+        import mlflow
+
+        mlflow.set_tracking_uri(prior)
+    metrics = json.loads((out / "train" / "eval" / "metrics.json").read_text())
+    assert json.loads((out / "train" / "eval" / metrics["config_file"]).read_text())["shards"] == str(out / "shards")
+
+
 def test_hostile_param_value_is_never_run_by_a_shell(af, first_run):
     assert first_run["run"]["state"] == "success"
     assert not (af["root"] / "pwned").exists()
@@ -106,7 +145,8 @@ def test_hostile_param_value_is_never_run_by_a_shell(af, first_run):
 
 
 def test_corrupt_shard_fails_check_shards_and_never_trains(af, first_run):
-    """A spark-submit on PATH that runs the real job, then flips bytes in one shard it wrote."""
+    """A spark-submit on PATH that runs the real job, then flips bytes in one shard it wrote
+    (the job's only argument is the run config, which names the shard set)."""
     env, root = dict(af["env"]), af["root"]
     before = champion(env)
     bindir = root / "bin"
@@ -114,8 +154,9 @@ def test_corrupt_shard_fails_check_shards_and_never_trains(af, first_run):
     wrapper = bindir / "spark-submit"
     wrapper.write_text(f"""#!/bin/sh
 "{VENV_BIN / 'spark-submit'}" "$@" || exit $?
-while [ "$1" != "--out" ]; do shift; done
-shard=$(ls "$2"/train/*.parquet | head -1)
+while [ "$1" != "--config" ]; do shift; done
+out=$("{VENV_BIN / 'python'}" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['tokenize']['out'])" "$2")
+shard=$(ls "$out"/train/*.parquet | head -1)
 printf 'corrupt' | dd of="$shard" bs=1 seek=100 conv=notrunc 2>/dev/null
 """)
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
@@ -133,7 +174,7 @@ printf 'corrupt' | dd of="$shard" bs=1 seek=100 conv=notrunc 2>/dev/null
 
 def _make_champion(c, version: str) -> None:
     """What a promotion does to the registry (alias plus history), without the evaluation gate."""
-    from lmpipe import tracking
+    from registry import tracking
 
     hist = tracking.champion_history(c, "lmpipe")
     c.set_registered_model_alias("lmpipe", tracking.CHAMPION, version)
@@ -159,7 +200,8 @@ def _rollout(af, real_shards, tmp_path):
 
     import httpx
 
-    from lmpipe import config, tracking
+    from lmpipe import config
+    from registry import tracking
     from serving.serve import ServeConfig
     from serving_helpers import register, running, tiny_export
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from browser import dom, screenshot
-from lmpipe import check_data, config, promote, tracking
+from data_checks import check_data
+from lmpipe import config
+from registry import promote, tracking
 from training import evaluate
 
 pytestmark = pytest.mark.slow

@@ -9,11 +9,11 @@ import httpx
 import openai
 import pytest
 
-from lmpipe import config, tracking
+from lmpipe import config
+from registry import tracking
 from serving.serve import ServeConfig
 from serving_helpers import register, running, tiny_export
 
-pytestmark = pytest.mark.slow
 KEY = "sk-test-123"
 
 

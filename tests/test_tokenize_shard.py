@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from conftest import write_jsonl
-from lmpipe import config, corpus, manifest
+from lmpipe import config, manifest
 from lmpipe.errors import CorpusError, LmpipeError, ManifestError
-from lmpipe.shards import read_shard
+from lmpipe.manifest import read_shard
 from lmpipe.storage import open_store
-from lmpipe.tokenizer import from_json
+from spark_jobs import corpus
+from spark_jobs.tokenizer import from_json
 from spark_jobs import tokenize_shard
 from spark_jobs.tokenize_shard import TokenizeConfig
 
-pytestmark = pytest.mark.slow
 
 BASE = {"seq_len": 64, "spark_master": "local[2]", "shard_sequences": 40, "validation_fraction": 0.1,
         "tokenizer": {"vocab_size": 400, "train_sample_mb": 1}}
@@ -43,6 +43,7 @@ def shard_stream(store, m, split):
     return {t: np.concatenate(v) for t, v in streams.items()}
 
 
+@pytest.mark.slow
 def test_round_trip_both_splits(tmp_path, demo_corpus_dir):
     out = tmp_path / "shards"
     m = run(demo_corpus_dir, out, partition_mb=1)
@@ -85,6 +86,7 @@ def test_round_trip_both_splits(tmp_path, demo_corpus_dir):
     assert m["dtype"] == "uint16"
 
 
+@pytest.mark.slow
 def test_rerun_is_idempotent_and_s3_matches_local(tmp_path, demo_corpus_dir, bucket, storage_cfg):
     a = run(demo_corpus_dir, tmp_path / "a")
     b = run(demo_corpus_dir, tmp_path / "b")
@@ -138,6 +140,7 @@ def test_crash_midway_leaves_no_manifest(tmp_path):
         manifest.read(open_store(tmp_path / "out"))
 
 
+@pytest.mark.slow
 def test_published_shard_set_is_not_overwritten_without_the_flag(tmp_path, demo_corpus_dir):
     m = run(demo_corpus_dir, tmp_path / "s")
     before = (tmp_path / "s" / "manifest.json").read_bytes()
@@ -151,6 +154,7 @@ def test_published_shard_set_is_not_overwritten_without_the_flag(tmp_path, demo_
     assert listed == on_disk  # no stale shards of the replaced run
 
 
+@pytest.mark.slow
 def test_existing_tokenizer_is_used_and_identified_by_sha(tmp_path, demo_corpus_dir):
     first = run(demo_corpus_dir, tmp_path / "a")
     m = run(demo_corpus_dir, tmp_path / "b", tokenizer={"path": str(tmp_path / "a" / "tokenizer.json")})
@@ -181,6 +185,7 @@ def test_cli_runs_and_prints_a_summary(tmp_path, demo_corpus_dir, capsys):
     assert "Tokenized" in captured.err and "tokens/s" in captured.err and "Manifest:" in captured.err
 
 
+@pytest.mark.slow
 def test_spark_submit_runs_the_job(tmp_path, demo_corpus_dir):
     """The job file is a real spark-submit entry point (the same flags as `lmpipe tokenize`)."""
     submit = Path(sys.executable).parent / "spark-submit"
@@ -194,6 +199,7 @@ def test_spark_submit_runs_the_job(tmp_path, demo_corpus_dir):
     assert m["spark"]["master"] == "local[2]" and m["splits"]["train"]["sequences"] > 0
 
 
+@pytest.mark.slow
 def test_incremental_run_tokenizes_only_new_partitions_and_merges(tmp_path, demo_corpus_dir, bucket, storage_cfg):
     lines = next(Path(demo_corpus_dir).glob("*.jsonl")).read_text().splitlines()
     day1, day2 = lines[: len(lines) // 2][:400], lines[len(lines) // 2:][:300]

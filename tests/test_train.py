@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow
 
 BASE = ["--nproc", "2", "micro_batch_size=4", "log_every=2", "optim.warmup_steps=2", "prefetch=2"]
 
@@ -61,6 +60,7 @@ def assert_export_equals(out: Path, tag: str):
     assert not (out / "checkpoints" / "latest").exists()  # lmpipe never relies on DeepSpeed's latest
 
 
+@pytest.mark.slow
 def test_zero2_two_ranks_loss_falls_and_export(real_shards, tmp_path):
     out = tmp_path / "run"
     rc, log = train(real_shards, out, "--zero-stage", "2", "max_steps=80", "save_every=40", "optim.lr=0.005",
@@ -89,6 +89,7 @@ def test_zero2_two_ranks_loss_falls_and_export(real_shards, tmp_path):
     assert rc == 1 and "model shape differs from recipe 'tiny' at num_layers" in log, log
 
 
+@pytest.mark.slow
 def test_zero3_two_ranks_from_and_to_s3(real_shards, tmp_path, bucket, storage_cfg):
     """ZeRO-3 with optimizer and parameter offload and activation checkpointing; partitions are
     gathered for export; shards are read from S3 (cached, verified) and the run (checkpoints with
@@ -119,14 +120,14 @@ def test_zero3_two_ranks_from_and_to_s3(real_shards, tmp_path, bucket, storage_c
 def test_launch_command_uses_the_deepspeed_launcher_and_hostfile():
     from lmpipe import config
     from training.config import TrainConfig
-    from training.train import launch_command
+    from training.launcher import launch_command
 
     cfg = config.build(TrainConfig, {"launch": {"nproc": 8, "hostfile": "/etc/hosts.ds", "num_nodes": 4,
                                                 "master_port": 29600}})
     cmd = launch_command(cfg, Path("/runs/x"))
     assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"]
     assert cmd[3:] == ["--num_gpus", "8", "--master_port", "29600", "--hostfile", "/etc/hosts.ds", "--num_nodes", "4",
-                       "--module", "training.rank", "--run-dir", "/runs/x"]
+                       "--module", "training.trainer", "--run-dir", "/runs/x"]
 
 
 def batches(out: Path) -> dict[int, list]:
@@ -137,6 +138,7 @@ def batches(out: Path) -> dict[int, list]:
     return seen
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(real_shards, tmp_path):
     args = ["--zero-stage", "2", "max_steps=12", "save_every=4", "debug.log_batches=true"]
     ref = tmp_path / "ref"
@@ -165,6 +167,7 @@ def test_sigkill_then_resume_equals_uninterrupted(real_shards, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
 
 
+@pytest.mark.slow
 def test_missing_marker_stale_latest_and_corrupt_checkpoint(real_shards, tmp_path):
     out = tmp_path / "run"
     rc, log = train(real_shards, out, "--zero-stage", "2", "max_steps=6", "save_every=2")
@@ -186,6 +189,7 @@ def test_missing_marker_stale_latest_and_corrupt_checkpoint(real_shards, tmp_pat
     assert tags(out)[-1] == "step-00000008"  # nothing newer was written
 
 
+@pytest.mark.slow
 def test_nan_loss_is_skipped_then_aborts(real_shards, tmp_path):
     out = tmp_path / "skip"
     rc, log = train(real_shards, out, "max_steps=4", "save_every=2", "debug.inject_nan_steps=[1]")

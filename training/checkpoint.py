@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from lmpipe.errors import LmpipeError
-from lmpipe.log import warn
+from lmpipe.log import log
 from lmpipe.storage import sha256_file
 
 MARKER = "COMMITTED.json"
@@ -47,7 +47,7 @@ def committed(root: Path) -> list[str]:
     good = [t for t in tags if (root / t / MARKER).is_file()]
     for t in tags:
         if t not in good:
-            warn(f"checkpoint {root / t} has no {MARKER} (its save did not finish): ignoring it")
+            log(f"checkpoint {root / t} has no {MARKER} (its save did not finish): ignoring it", level="warning")
     return good
 
 

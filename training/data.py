@@ -19,7 +19,6 @@ import numpy as np
 
 from lmpipe import manifest as manifestlib
 from lmpipe.errors import LmpipeError
-from lmpipe.log import log
 from lmpipe.storage import open_store, sha256_file
 
 
@@ -55,7 +54,7 @@ class ShardSet:
                 if actual != entry["sha256"]:
                     raise LmpipeError(f"shard {self.store.url(entry['path'])} has sha256 {actual}, "
                                       f"the manifest says {entry['sha256']}: refusing to train on it")
-                from lmpipe.shards import read_shard
+                from lmpipe.manifest import read_shard
 
                 tmp = cache / f"{entry['sha256']}.{own}.tmp.npy"
                 np.save(tmp, read_shard(src))
@@ -143,4 +142,4 @@ def describe(data: ShardSet, order: Order) -> str:
             f"{order.per_epoch:,} global micro-batches per epoch")
 
 
-__all__ = ["ShardSet", "Order", "Loader", "describe", "log"]
+__all__ = ["ShardSet", "Order", "Loader", "describe"]

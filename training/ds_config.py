@@ -18,8 +18,9 @@ class Batch:
         return self.micro * self.accum * self.world
 
 
-def batch(micro: int, accum: int, world: int, global_size: int | None = None) -> Batch:
+def batch(micro: int, accum: int | None, world: int, global_size: int | None = None) -> Batch:
     """The one place for micro batch x accumulation x world size = global batch."""
+    accum = 1 if accum is None else accum
     if micro < 1 or accum < 1 or world < 1:
         raise ConfigError(f"micro_batch_size ({micro}), grad_accum ({accum}) and world size ({world}) must be >= 1")
     if global_size is not None:
@@ -42,13 +43,47 @@ def precision(requested: str) -> str:
     return "fp32"
 
 
+# DeepSpeed keys that typed config sets: deepspeed.extra may not set them (the error names the key to use).
+OWNED = {
+    "train_batch_size": "global_batch_size", "train_micro_batch_size_per_gpu": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum", "gradient_clipping": "optim.grad_clip",
+    "zero_optimization.stage": "deepspeed.zero_stage", "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+    "zero_optimization.offload_param": "deepspeed.offload_params", "bf16.enabled": "deepspeed.precision",
+    "fp16.enabled": "deepspeed.precision", "optimizer.params.lr": "optim.lr",
+    "scheduler.params.total_num_steps": "max_steps", "scheduler.params.warmup_num_steps": "optim.warmup_steps",
+}
+
+
 def build(cfg, b: Batch, prec: str) -> dict:
-    """The DeepSpeed JSON, generated from typed config (never hand-written)."""
+    """The DeepSpeed JSON, generated from typed config (never hand-written), with
+    ``deepspeed.extra`` merged over it."""
+    return merge_extra(_generated(cfg, b, prec), cfg.deepspeed.extra)
+
+
+def merge_extra(generated: dict, extra: dict, path: str = "") -> dict:
+    """``generated`` with ``extra`` merged in, key by key; a key that typed config owns is refused."""
+    out = dict(generated)
+    for key, value in extra.items():
+        dotted = f"{path}{key}"
+        if dotted in OWNED:
+            raise ConfigError(f"config key 'deepspeed.extra.{dotted}' is set by '{OWNED[dotted]}': use that instead")
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_extra(out[key], value, dotted + ".")
+        else:
+            if isinstance(value, dict) and any(f"{dotted}.{k}" in OWNED for k in _leaves(value)):
+                raise ConfigError(f"config key 'deepspeed.extra.{dotted}' would replace keys that typed config sets")
+            out[key] = value
+    return out
+
+
+def _leaves(d: dict, prefix: str = "") -> list[str]:
+    return [x for k, v in d.items() for x in (_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"])]
+
+
+def _generated(cfg, b: Batch, prec: str) -> dict:
     import torch
 
     ds, opt = cfg.deepspeed, cfg.optim
-    if ds.offload_params and ds.zero_stage != 3:
-        raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage=3")
     gpu = torch.cuda.is_available()
     zero: dict = {"stage": ds.zero_stage}
     if ds.zero_stage:
@@ -116,7 +151,7 @@ def flops_per_token(params: int, layers: int, hidden: int, seq_len: int) -> floa
     return 6 * params + 12 * layers * hidden * seq_len
 
 
-# ---------------------------------------------------------------- sizing (docker/RUNBOOK.md)
+# ---------------------------------------------------------------- sizing (docs/deploy/zero-sizing.md)
 
 # ZeRO choices in the order to try them: each step trades more communication (or PCIe traffic
 # to CPU memory) for less GPU memory, so the first one that fits is the one to use.
@@ -168,7 +203,7 @@ def runbook_sizing(prec: str = "bf16") -> str:
     """The runbook's tables, for the recipes' exact parameter counts."""
     from training import recipes
 
-    models = {f"{name} (vocab {vocab:,})": recipes.param_count(recipes.RECIPES[name](), vocab)
+    models = {f"{name} (vocab {vocab:,})": recipes.param_count(recipes.recipe(name).model, vocab)
               for name, vocab in SIZING_VOCAB.items()}
     return sizing_markdown({**models, **SIZING_EXAMPLES}, prec=prec)
 

@@ -13,65 +13,37 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 import time
 from dataclasses import field
 from pathlib import Path
 
 from lmpipe import config as cfglib
-from lmpipe import tracking
 from lmpipe.config import stage_config
-from lmpipe.errors import LmpipeError
+from lmpipe.errors import ConfigError
 from lmpipe.log import log
+from lmpipe.settings import home
 from lmpipe.storage import StorageConfig, open_store
-from lmpipe.tracking import TrackingConfig
+from registry import resolve as resolver
+from registry import tracking
+from registry.tracking import TrackingConfig
+
+CONFIG_FILE = "evaluate_config.json"  # the resolved config, beside metrics.json
 
 PROMPTS = ["def ", "import ", "The ", "class "]
 
 
 @stage_config
 class EvalConfig:
-    model: str = ""
-    shards: str = ""
+    model: str = ""  # a model folder, s3:// prefix, models:/NAME/VERSION or models:/NAME@ALIAS
+    shards: str = ""  # the shard set whose validation split is evaluated
     out: str | None = None  # where metrics.json goes (default: the run's eval/ folder)
-    batch_size: int = 8
-    max_sequences: int | None = None
-    sample_tokens: int = 24
-    compare_champion: bool = True
-    seed: int = 0
+    batch_size: int = 8  # sequences per forward pass
+    max_sequences: int | None = None  # evaluate at most this many (default: the whole split)
+    sample_tokens: int = 24  # tokens per greedy sample
+    compare_champion: bool = True  # also evaluate the current champion on the same shards
+    seed: int = 0  # sampling seed
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-
-def resolve_model(ref: str, cfg: EvalConfig) -> tuple[Path, dict]:
-    """A local model folder for ``ref``, and what we know of it (registry version, run)."""
-    info: dict = {"ref": ref}
-    if ref.startswith("models:/"):
-        import mlflow
-
-        c = tracking.client(cfg.tracking)
-        name, _, rest = ref[len("models:/"):].partition("/")
-        name, _, alias = name.partition("@")
-        v = tracking.alias_version(c, name, alias) if alias else c.get_model_version(name, rest)
-        if v is None:
-            raise LmpipeError(f"{ref}: no model version has alias {alias!r}")
-        dest = tracking.home() / "models" / name / str(v.version)
-        if not (dest / "config.json").is_file():
-            mlflow.artifacts.download_artifacts(f"models:/{name}/{v.version}", dst_path=str(dest))
-        info.update(name=name, version=v.version, run_id=v.run_id, tags=dict(v.tags))
-        return dest, info
-    if ref.startswith("s3://"):
-        dest = tracking.home() / "models" / hashlib.sha256(ref.encode()).hexdigest()[:16]
-        if not (dest / "config.json").is_file():
-            open_store(ref, cfg.storage).download_prefix("", dest)
-        return dest, info
-    path = Path(open_store(ref).root)
-    if not (path / "config.json").is_file():
-        raise LmpipeError(f"{ref} is not a model folder (no config.json): pass a run's export/ or models:/NAME@ALIAS")
-    mv = path.parent / "model_version.json"
-    if mv.is_file():
-        info.update(json.loads(mv.read_text()))
-    return path, info
 
 
 def evaluate_one(model_dir: Path, shards, cfg: EvalConfig) -> dict:
@@ -116,22 +88,25 @@ def run(cfg: EvalConfig) -> dict:
     from training.data import ShardSet
 
     if not cfg.model or not cfg.shards:
-        raise LmpipeError("--model and --shards are required")
+        raise ConfigError("config keys 'model' and 'shards' are required (--model REF --shards URI)")
     tracking.s3_env(cfg.storage)
-    model_dir, info = resolve_model(cfg.model, cfg)
-    cache = tracking.home() / "cache" / "shards"
+    model_dir, ref = resolver.resolve(cfg.model, cfg.tracking, cfg.storage)
+    info = {"ref": cfg.model, "name": ref.name, "version": ref.version, "run_id": ref.run_id}
+    cache = home() / "cache" / "shards"
     shards = ShardSet(cfg.shards, cache, cfg.storage, split="validation")
     manifest_sha = hashlib.sha256(open_store(cfg.shards, cfg.storage).get_bytes("manifest.json")).hexdigest()
     log(f"evaluating {cfg.model} on {len(shards):,} validation sequences of {cfg.shards}")
     result = {"shards": cfg.shards, "shards_manifest_sha256": manifest_sha, "batch_size": cfg.batch_size,
-              "candidate": {**info, "tags": None, **evaluate_one(model_dir, shards, cfg)}}
+              "candidate": {**info, **evaluate_one(model_dir, shards, cfg)}}
     if cfg.compare_champion and tracking_ready(cfg):
         c = tracking.client(cfg.tracking)
         champ = tracking.alias_version(c, cfg.tracking.model_name, tracking.CHAMPION)
         if champ is not None and str(champ.version) != str(info.get("version")):
-            cdir, cinfo = resolve_model(f"models:/{cfg.tracking.model_name}/{champ.version}", cfg)
+            cdir, cref = resolver.resolve(f"models:/{cfg.tracking.model_name}/{champ.version}", cfg.tracking,
+                                          cfg.storage)
             log(f"evaluating champion version {champ.version} on the same shards")
-            result["champion"] = {**cinfo, "tags": None, **evaluate_one(cdir, shards, cfg)}
+            cinfo = {"ref": cref.ref, "name": cref.name, "version": cref.version, "run_id": cref.run_id}
+            result["champion"] = {**cinfo, **evaluate_one(cdir, shards, cfg)}
             _record(c, cfg.tracking.model_name, champ.version, result["champion"], cfg.shards, manifest_sha)
     cand = result["candidate"]
     if info.get("version") is not None:
@@ -140,8 +115,10 @@ def run(cfg: EvalConfig) -> dict:
         if cand["comparable"] and math.isfinite(cand["perplexity"]):
             c.set_registered_model_alias(info.get("name", cfg.tracking.model_name), tracking.CANDIDATE, info["version"])
     out = Path(cfg.out) if cfg.out else (model_dir.parent / "eval" if (model_dir.parent / "train_config.json").is_file()
-                                          else tracking.home() / "evals" / manifest_sha[:12])
+                                          else home() / "evals" / manifest_sha[:12])
     out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(cfglib.dump(cfg))
+    result["config_file"] = CONFIG_FILE
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     result["metrics_path"] = str(out / "metrics.json")
     log(summary(result))
@@ -191,25 +168,13 @@ def summary(result: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="a model folder, s3:// prefix, models:/NAME/VERSION or models:/NAME@ALIAS")
-    p.add_argument("--shards", help="shard set whose validation split is evaluated")
-    p.add_argument("--out", help="folder for metrics.json (default: the run's eval/)")
-    p.add_argument("--config", help="YAML or JSON config (an 'evaluate:' section is used if present)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--model", help="a model folder, s3:// prefix, models:/NAME/VERSION or models:/NAME@ALIAS (model)")
+    p.add_argument("--shards", help="shard set whose validation split is evaluated (shards)")
+    p.add_argument("--out", help="folder for metrics.json; default: the run's eval/ (out)")
+    p.add_argument("--config", help="YAML or JSON config: evaluate keys, or a run config whose 'evaluate' section is used")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. max_sequences=200")
 
 
 def config_from_args(args) -> EvalConfig:
     flags = {"model": args.model, "shards": args.shards, "out": args.out}
     return cfglib.from_cli(EvalConfig, args.config, args.overrides, flags, "evaluate")
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="lmpipe evaluate")
-    add_arguments(p)
-    try:
-        run(config_from_args(p.parse_args(argv)))
-    except LmpipeError as exc:
-        print(f"lmpipe evaluate: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
-

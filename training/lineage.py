@@ -5,13 +5,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
-from lmpipe import tracking
-from lmpipe.log import log, warn
-from lmpipe.storage import is_s3, join, open_store
+from lmpipe import settings
+from lmpipe.log import log
+from lmpipe.storage import is_s3, join, open_store, split_uri
+from registry import tracking
+
+
+def data_check(cfg) -> tuple[str | None, dict | None]:
+    """The shard-check result recorded as lineage: ``data_checks`` if set, else the newest under the shards."""
+    if not cfg.data_checks:
+        return latest_data_check(cfg.shards, cfg.storage)
+    parent, name = split_uri(cfg.data_checks)
+    store = open_store(parent, cfg.storage)
+    if not store.exists(name):
+        return None, None
+    return cfg.data_checks, json.loads(store.get_bytes(name))
+
+
+def config_uri(cfg, run: Path) -> str:
+    """Where the run's resolved config lives (train_config.json in the run folder)."""
+    from training.config import CONFIG_FILE
+
+    return join(cfg.out, CONFIG_FILE) if is_s3(cfg.out) else str(run / CONFIG_FILE)
 
 
 def latest_data_check(shards_uri: str, storage) -> tuple[str | None, dict | None]:
@@ -42,9 +60,10 @@ def start(cfg, run: Path, man: dict, model: dict) -> str | None:
         c.update_run(run_id, status="RUNNING")
         return run_id
     exp = tracking.experiment_id(c, cfg.tracking)
-    tags = {"lmpipe.out": cfg.out, "lmpipe.shards": cfg.shards, "lmpipe.git_commit": tracking.git_commit()}
-    if os.environ.get("AIRFLOW_CTX_DAG_RUN_ID"):
-        tags["lmpipe.airflow_run_id"] = os.environ["AIRFLOW_CTX_DAG_RUN_ID"]
+    tags = {"lmpipe.out": cfg.out, "lmpipe.shards": cfg.shards, "lmpipe.git_commit": tracking.git_commit(),
+            "lmpipe.config": config_uri(cfg, run)}
+    if settings.get("AIRFLOW_CTX_DAG_RUN_ID"):
+        tags["lmpipe.airflow_run_id"] = settings.get("AIRFLOW_CTX_DAG_RUN_ID")
     r = c.create_run(exp, run_name=f"train-{Path(str(cfg.out)).name}", tags=tags)
     run_id = r.info.run_id
     from lmpipe import config as cfglib
@@ -58,7 +77,7 @@ def start(cfg, run: Path, man: dict, model: dict) -> str | None:
     store = open_store(cfg.shards, cfg.storage)
     (run / "data").mkdir(exist_ok=True)
     (run / "data" / "manifest.json").write_bytes(store.get_bytes("manifest.json"))
-    check_uri, check = latest_data_check(cfg.shards, cfg.storage)
+    check_uri, check = data_check(cfg)
     (run / "data" / "data_checks.json").write_text(json.dumps({"result": check_uri, "success": check and check["success"],
                                                                "data_docs": check and check["data_docs"]}, indent=2))
     c.log_artifacts(run_id, str(run / "data"), "data")
@@ -82,7 +101,7 @@ def finish(cfg, run: Path, man: dict, run_id: str | None, rc: int) -> str | None
     tag = ckpt.committed(run / "checkpoints")[-1]
     marker = json.loads((run / "checkpoints" / tag / ckpt.MARKER).read_text())
     store = open_store(cfg.shards, cfg.storage)
-    check_uri, check = latest_data_check(cfg.shards, cfg.storage)
+    check_uri, check = data_check(cfg)
     lineage = {
         "lmpipe.shards_manifest": store.url("manifest.json"),
         "lmpipe.shards_manifest_sha256": hashlib.sha256(store.get_bytes("manifest.json")).hexdigest(),
@@ -91,13 +110,14 @@ def finish(cfg, run: Path, man: dict, run_id: str | None, rc: int) -> str | None
         "lmpipe.data_checks_success": "missing" if check is None else str(bool(check["success"])).lower(),
         "lmpipe.checkpoint": join(cfg.out, "checkpoints", tag) if is_s3(cfg.out) else str(run / "checkpoints" / tag),
         "lmpipe.checkpoint_step": str(marker["step"]),
+        "lmpipe.config": config_uri(cfg, run),
         "lmpipe.git_commit": tracking.git_commit(),
         "lmpipe.run": cfg.out,
         "lmpipe.training_status": "FINISHED",
         "lmpipe.registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if os.environ.get("AIRFLOW_CTX_DAG_RUN_ID"):
-        lineage["lmpipe.airflow_run_id"] = os.environ["AIRFLOW_CTX_DAG_RUN_ID"]
+    if settings.get("AIRFLOW_CTX_DAG_RUN_ID"):
+        lineage["lmpipe.airflow_run_id"] = settings.get("AIRFLOW_CTX_DAG_RUN_ID")
     tracking.ensure_model(c, cfg.tracking.model_name)
     v = c.create_model_version(cfg.tracking.model_name, source=source, run_id=run_id, tags=lineage)
     for k, val in lineage.items():
@@ -107,7 +127,7 @@ def finish(cfg, run: Path, man: dict, run_id: str | None, rc: int) -> str | None
                                                         "run_id": run_id, "source": source}, indent=2))
     log(f"registered model version models:/{cfg.tracking.model_name}/{v.version} (MLflow run {run_id})")
     if check is None:
-        warn(f"no data-check result under {cfg.shards}/_checks: promotion will refuse this version")
+        log(f"no data-check result for {cfg.shards}: promotion will refuse this version", level="warning")
     return v.version
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 from lmpipe.log import log
 from lmpipe.storage import is_s3, open_store
 from training import checkpoint as ckpt
+from training.config import CONFIG_FILE, DS_FILE, RESOLVED_FILE
 
-RUN_FILES = ("train_config.json", "resolved.json", "ds_config.json", "metrics.jsonl", "batches.jsonl")
+RUN_FILES = (CONFIG_FILE, RESOLVED_FILE, DS_FILE, "metrics.jsonl", "batches.jsonl")
 
 
 def upload_checkpoint(run: Path, cfg, tag: str) -> str | None:

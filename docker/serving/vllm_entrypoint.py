@@ -1,5 +1,5 @@
 """vLLM variant of the serving job: fetch the model a registry reference points at, the way
-`lmpipe serve` does (serving/models.py), then hand this process over to `vllm serve`.
+`lmpipe serve` does (registry/resolve.py), then hand this process over to `vllm serve`.
 
     python vllm_entrypoint.py [models:/lmpipe@champion] [extra `vllm serve` flags...]
 
@@ -11,26 +11,28 @@ import os
 import sys
 import time
 
+from lmpipe import settings
 from lmpipe.errors import LmpipeError
-from serving.models import ModelManager
+from lmpipe.log import log
+from registry import resolve as resolver
 from serving.serve import ServeConfig
 
 
 def main(argv: list[str]) -> int:
-    ref = argv[0] if argv else "models:/lmpipe@champion"
-    manager = ModelManager(ServeConfig(model=ref))
+    cfg = ServeConfig(model=argv[0] if argv else "models:/lmpipe@champion")
     while True:
         try:
-            name, version, source = manager.target()
+            ref = resolver.lookup(cfg.model, cfg.tracking)
             break
         except LmpipeError as exc:
-            print(f"waiting for {ref}: {exc}", file=sys.stderr, flush=True)
+            log(f"waiting for {cfg.model}: {exc}")
             time.sleep(30)
-    path = manager._fetch(name, version, source)
-    cmd = ["vllm", "serve", str(path), "--served-model-name", name, "--host", "0.0.0.0", "--port", "8000", *argv[1:]]
-    if os.environ.get("LMPIPE_API_KEY"):
-        cmd += ["--api-key", os.environ["LMPIPE_API_KEY"]]
-    print(f"serving {name} v{version} from {path} with vLLM", flush=True)
+    path = resolver.fetch(ref, cfg.storage)
+    cmd = ["vllm", "serve", str(path), "--served-model-name", ref.name, "--host", "0.0.0.0", "--port", "8000",
+           *argv[1:]]
+    if settings.get("LMPIPE_API_KEY"):
+        cmd += ["--api-key", settings.get("LMPIPE_API_KEY")]
+    log(f"serving {ref.label} from {path} with vLLM")
     os.execvp(cmd[0], cmd)  # vLLM from the image's own Python, on PATH
     return 0  # not reached
 

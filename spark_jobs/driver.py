@@ -1,0 +1,260 @@
+"""The tokenize job's driver: plan, tokenizer, the Spark stages, and the manifest written last.
+
+1. the driver lists the corpus files and trains (or loads) the tokenizer, while Spark starts;
+2. stage 1 (``mapInArrow``, :mod:`spark_jobs.worker`) hashes every document, and a window over
+   the hashes finds the exact duplicates (the first by position is kept);
+3. stage 2 (``mapInArrow``) reads each task again, drops the duplicates, tokenizes, packs, and
+   writes and uploads its own shards (no hadoop-aws jars needed), returning their stats;
+4. the driver writes ``manifest.json`` last: until then the shard set does not exist.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import time
+import uuid
+from collections import Counter
+from dataclasses import replace
+
+from lmpipe import config as cfglib
+from lmpipe import manifest
+from lmpipe.errors import ConfigError, CorpusError, LmpipeError, StorageError
+from lmpipe.log import log
+from lmpipe.storage import copy as copy_object
+from lmpipe.storage import open_store, split_uri
+from spark_jobs import corpus, worker
+from spark_jobs.config import TokenizeConfig, check
+
+CONFIG_FILE = "tokenize_config.json"  # the resolved config, beside the manifest that points at it
+
+
+def run(cfg: TokenizeConfig) -> dict:
+    """Tokenize ``cfg.corpus`` into shards under ``cfg.out``; return the manifest written last."""
+    check(cfg)
+    t0 = time.monotonic()
+    cfg = replace(cfg, run_id=cfg.run_id or uuid.uuid4().hex[:12])
+    cstore, files, ignored = corpus.resolve(cfg.corpus, cfg.storage)
+    if ignored:
+        log(f"ignoring {len(ignored)} files that are not corpus files, e.g. {ignored[:3]}", level="warning")
+    log(f"corpus {cfg.corpus}: {len(files)} files, {sum(o.size for o in files) / 1e6:.1f} MB")
+    base_m, base_store = _base(cfg)
+    todo = files
+    if base_m:
+        todo = _new_files(files, base_m, cfg)
+        eos = base_m["config"].get("tokenizer", {}).get("eos_token", cfg.tokenizer.eos_token)
+        cfg = replace(cfg, tokenizer=replace(cfg.tokenizer, path=f"{base_store.uri}/{base_m['tokenizer']['path']}",
+                                             eos_token=eos))
+    out = _prepare_out(cfg)
+
+    # The JVM and Python workers take ~10 s to start: overlap that with tokenizer training.
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    spark_future = pool.submit(_start_spark, cfg) if todo else None
+    pool.shutdown(wait=False)
+    tok, tok_info = _publish_tokenizer(cfg, cstore, files, out, base_m)
+
+    rows, spark_info = [], {"version": None, "master": None, "tasks": 0}
+    if spark_future:
+        rows, spark_info = _spark_pack(cfg, cstore, todo, tok.to_str(), tok_info, spark_future.result(),
+                                       manifest.read_parts(base_m) if base_m else 0)
+    stats = _stats(rows)
+    if todo and stats["train.documents"] + stats["validation.documents"] == 0:
+        skipped = {k.split(".", 1)[1]: v for k, v in sorted(stats.items()) if k.startswith("skipped.")}
+        raise CorpusError(f"corpus {cfg.corpus} has zero usable documents"
+                          f"{' in its new files' if base_m else ''}: skipped {skipped or 'none'}")
+    if base_m:
+        _copy_base(base_store, base_m, out)
+    listing = {"uri": cfg.corpus, "files": len(files), "new_files": len(todo), "bytes": sum(o.size for o in files),
+               "ignored_files": ignored, "file_list": [{"key": o.key, "size": o.size} for o in todo]}
+    shards = [r for r in rows if r["kind"] == "shard"]
+    m = manifest.build(seq_len=cfg.seq_len, tokenizer=tok_info, shards=shards, stats=stats, input=listing,
+                       run_id=cfg.run_id, elapsed_s=time.monotonic() - t0, spark=spark_info,
+                       config=cfglib.to_dict(cfg), config_file=CONFIG_FILE)
+    if base_m:
+        m = manifest.merge(base_m, m, base_store.uri)
+    for split in manifest.SPLITS:
+        if not m["splits"][split]["shards"]:
+            log(f"the {split} split has no full sequence: too little data for seq_len {cfg.seq_len}", level="warning")
+    out.put_bytes(CONFIG_FILE, cfglib.dump(cfg).encode())
+    url = manifest.write(out, m)  # last: this publishes the shard set
+    log(summary(m, url))
+    return m
+
+
+def _new_files(files, base_m: dict, cfg: TokenizeConfig):
+    """The corpus files an incremental run reads: those its base has not seen."""
+    seen = {f["key"]: f["size"] for f in base_m["input"]["file_list"]}
+    changed = [o.key for o in files if o.key in seen and seen[o.key] != o.size]
+    if changed:
+        log(f"{len(changed)} corpus files changed size since the base was tokenized; their old content is kept "
+            f"and they are not re-read, e.g. {changed[:3]}", level="warning")
+    todo = [o for o in files if o.key not in seen]
+    log(f"incremental: {len(todo)} new corpus files ({sum(o.size for o in todo) / 1e6:.1f} MB) on top of base "
+        f"{cfg.base} ({len(seen)} files); reusing its tokenizer")
+    return todo
+
+
+def _publish_tokenizer(cfg: TokenizeConfig, cstore, files, out, base_m: dict | None):
+    """Train or load the tokenizer, write it beside the shards, and describe it for the manifest."""
+    from spark_jobs.tokenizer import sha256_text
+
+    tok = _tokenizer(cfg, cstore, files)
+    tok_json = tok.to_str()
+    out.put_bytes(manifest.TOKENIZER, tok_json.encode())
+    sha = sha256_text(tok_json)
+    if base_m and sha != base_m["tokenizer"]["sha256"]:
+        raise LmpipeError(f"base {cfg.base}: tokenizer.json does not match the sha256 in its manifest")
+    info = {"path": manifest.TOKENIZER, "sha256": sha, "vocab_size": tok.get_vocab_size(),
+            "eos_id": tok.token_to_id(cfg.tokenizer.eos_token)}
+    return tok, info
+
+
+def _tokenizer(cfg: TokenizeConfig, store, files):
+    """Load ``tokenizer.path`` or train a byte-level BPE on a deterministic sample of whole files."""
+    from spark_jobs import tokenizer as toklib
+
+    if cfg.tokenizer.path:
+        parent, name = split_uri(cfg.tokenizer.path)
+        try:
+            text = open_store(parent, cfg.storage).get_bytes(name).decode("utf-8")
+        except StorageError as exc:
+            raise LmpipeError(f"cannot read tokenizer {cfg.tokenizer.path}: {exc}") from None
+        return toklib.from_json(text, cfg.tokenizer.eos_token, cfg.tokenizer.path)
+    budget = cfg.tokenizer.train_sample_mb * 1024 * 1024
+    ordered = sorted(files, key=lambda o: hashlib.blake2b(o.key.encode(), digest_size=8).digest())
+
+    def sample():
+        used = 0
+        for obj in ordered:
+            for rec in corpus.read_file(store, obj.key, cfg.reader):
+                if rec.text is None:
+                    continue
+                yield rec.text
+                used += len(rec.text)
+                if used >= budget:
+                    return
+
+    t0 = time.monotonic()
+    tok = toklib.train(sample(), cfg.tokenizer)
+    if tok.get_vocab_size() <= len(cfg.tokenizer.special_tokens or [1, 2]):
+        raise CorpusError(f"corpus {cfg.corpus} has zero usable documents (nothing to train a tokenizer on)")
+    log(f"trained byte-level BPE tokenizer: vocab {tok.get_vocab_size()} in {time.monotonic() - t0:.1f}s")
+    return tok
+
+
+def _prepare_out(cfg: TokenizeConfig):
+    out = open_store(cfg.out, cfg.storage)
+    if out.exists(manifest.MANIFEST):
+        if not cfg.overwrite:
+            raise LmpipeError(
+                f"{out.url(manifest.MANIFEST)} already exists: {cfg.out} holds a published shard set. "
+                "Write to a new prefix, or pass overwrite=true to replace it"
+            )
+        # Unpublish first, so no reader ever sees the old manifest over new shards.
+        out.delete_prefix(manifest.MANIFEST)
+        log(f"overwrite: removed the old manifest under {cfg.out}")
+    for prefix in manifest.SPLITS:  # stale shards of an unfinished or replaced run
+        if n := out.delete_prefix(prefix):
+            log(f"removed {n} stale files under {out.url(prefix)}")
+    return out
+
+
+def _base(cfg: TokenizeConfig) -> tuple[dict | None, object]:
+    """The base shard set's manifest and store (``base=``), checked against this run's settings."""
+    if not cfg.base:
+        return None, None
+    store = open_store(cfg.base, cfg.storage)
+    m = manifest.read(store)
+    if "file_list" not in m["input"]:
+        raise LmpipeError(f"base shard set {cfg.base} does not list its corpus files (written by an older lmpipe): "
+                          "tokenize the whole corpus once without base=")
+    if m["input"]["uri"].rstrip("/") != cfg.corpus.rstrip("/"):
+        raise ConfigError(f"config key 'base': {cfg.base} was tokenized from {m['input']['uri']}, not {cfg.corpus}")
+    if m["seq_len"] != cfg.seq_len:
+        raise ConfigError(f"config key 'seq_len' is {cfg.seq_len} but base {cfg.base} has seq_len {m['seq_len']}")
+    return m, store
+
+
+def _copy_base(base_store, base_m: dict, out) -> None:
+    keys = [sh["path"] for sp in base_m["splits"].values() for sh in sp["shards"]]
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: copy_object(base_store, k, out), keys))
+    log(f"merged {len(keys)} shards of the base shard set {base_store.uri} in {time.monotonic() - t0:.1f}s")
+
+
+def _stats(rows) -> Counter:
+    stats = Counter()
+    for r in rows:
+        if r["kind"] == "stats":
+            stats.update(json.loads(r["stats"]))
+    if rows:
+        log("task seconds (summed over tasks): " + ", ".join(
+            f"{k[8:]} {v:.1f}" for k, v in sorted(stats.items()) if k.startswith("seconds.")))
+    return stats
+
+
+def _spark_pack(cfg: TokenizeConfig, cstore, files, tok_json: str, tok_info: dict, spark,
+                part_offset: int) -> tuple[list, dict]:
+    """Stages 1 and 2 on Spark: one read task per partition; shard names follow the task index,
+    never the cluster size."""
+    from spark_jobs import sparkutil
+
+    tasks = corpus.plan_tasks(files, cfg.partition_mb * 1024 * 1024)
+    sc = spark.sparkContext
+    log(f"spark {spark.version} master {sc.master}: {len(tasks)} read tasks, seq_len {cfg.seq_len}")
+    task_df = spark.range(0, len(tasks), numPartitions=len(tasks))
+    plan = sc.broadcast(tasks)
+    try:
+        drop = None
+        if cfg.dedup:
+            with sparkutil.progress(spark, "dedup (hashing documents)"):
+                hashes = task_df.mapInArrow(worker.hash_docs(cstore.uri, cfg.storage, cfg.reader, plan), worker.HASH_DDL)
+                drop = sc.broadcast(_duplicates(hashes))
+        with sparkutil.progress(spark, "tokenize"):
+            fn = worker.pack(cfg, cstore.uri, tok_json, tok_info["eos_id"], tok_info["vocab_size"], plan, drop,
+                             part_offset)
+            rows = task_df.mapInArrow(fn, worker.RESULT_DDL).collect()
+    except Exception as exc:
+        for marker, kind in (("CorpusError", CorpusError), ("StorageError", StorageError), ("LmpipeError", LmpipeError)):
+            if msg := sparkutil.task_error_message(exc, marker):
+                raise kind(msg) from None
+        raise
+    return rows, {"version": spark.version, "master": sc.master, "tasks": len(tasks)}
+
+
+def _start_spark(cfg: TokenizeConfig):
+    from spark_jobs import sparkutil
+
+    spark = sparkutil.session(cfg.spark_master, f"lmpipe-tokenize-{cfg.run_id}", cfg.spark_conf)
+    spark.conf.set("spark.sql.shuffle.partitions", str(max(2, spark.sparkContext.defaultParallelism)))
+    spark.range(0, 2, numPartitions=2).mapInArrow(lambda it: it, "id long").collect()  # start Python workers
+    return spark
+
+
+def _duplicates(hashes) -> dict[int, list[int]]:
+    """{task: record indexes} of every exact duplicate but the first (by task, then index)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    rank = F.row_number().over(Window.partitionBy("hash").orderBy("task", "idx"))
+    drop: dict[int, list[int]] = {}
+    for row in hashes.withColumn("rank", rank).filter("rank > 1").select("task", "idx").collect():
+        drop.setdefault(row["task"], []).append(row["idx"])
+    return drop
+
+
+def summary(m: dict, url: str) -> str:
+    sp, inp = m["splits"], m["input"]
+    tokens = sp["train"]["tokens"] + sp["validation"]["tokens"]
+    skipped = ", ".join(f"{k} {v}" for k, v in inp["skipped"].items()) or "none"
+    return (
+        f"Tokenized {inp['documents_used']:,} of {inp['documents_read']:,} documents "
+        f"({inp['duplicates_removed']:,} exact duplicates removed; skipped: {skipped}) into "
+        f"{tokens:,} tokens: train {sp['train']['sequences']:,} sequences in {len(sp['train']['shards'])} shards, "
+        f"validation {sp['validation']['sequences']:,} sequences in {len(sp['validation']['shards'])} shards, "
+        f"seq_len {m['seq_len']}, vocab {m['tokenizer']['vocab_size']}. "
+        f"{m['elapsed_s']:.1f}s end to end, {tokens / max(m['elapsed_s'], 1e-9):,.0f} tokens/s, "
+        f"{inp['bytes'] / 1e6 / max(m['elapsed_s'], 1e-9):.2f} MB/s. Manifest: {url}"
+    )

@@ -1,0 +1,268 @@
+"""``lmpipe train``: resolve the config, prepare the run folder, start the ranks with DeepSpeed.
+
+    lmpipe train --shards URI --out URI [--recipe tiny] [--zero-stage N] [--nproc N]
+                 [--hostfile F] [--config F] [key=value ...]
+
+This process trains nothing itself: it resolves the recipe, the batch and the precision once,
+writes them into the run folder, and starts DeepSpeed's launcher (``python -m
+deepspeed.launcher.runner``, the ``deepspeed`` command), which runs ``training.trainer`` on
+every rank: ``nproc`` per node, multi-node through a hostfile, NCCL on GPUs, DeepSpeed's CPU
+accelerator over gloo where there is no GPU. Running it again on the same ``--out`` resumes
+from the newest committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from lmpipe import config as cfglib
+from lmpipe import manifest, settings
+from lmpipe.errors import ConfigError, LmpipeError
+from lmpipe.log import log
+from lmpipe.storage import is_s3, open_store
+from training import checkpoint as ckpt
+from training import ds_config, recipes, sync
+from training.config import CONFIG_FILE, DS_FILE, RESOLVED_FILE, RESUMABLE_CHANGES, TrainConfig, resolve
+RUN_OUTPUTS = ("checkpoints", "export", "export.tmp", "metrics.jsonl", "batches.jsonl", "mlflow_run.json",
+               "model_version.json", "data", "eval", "report")
+CPU_RANKS = 2  # ranks per node when there is no GPU and launch.nproc is not set
+
+
+def run_dir(cfg: TrainConfig) -> Path:
+    """The local run folder: ``out`` itself, or a staging folder when ``out`` is on S3."""
+    if not is_s3(cfg.out):
+        return Path(open_store(cfg.out).root)
+    if cfg.work_dir:
+        return Path(cfg.work_dir)
+    return settings.home() / "runs" / hashlib.sha256(cfg.out.encode()).hexdigest()[:16]
+
+
+def nproc(cfg: TrainConfig) -> int:
+    """Ranks per node: ``launch.nproc``, else every GPU of this node, else CPU_RANKS."""
+    import torch
+
+    if cfg.launch.nproc:
+        return cfg.launch.nproc
+    return torch.cuda.device_count() if torch.cuda.is_available() else CPU_RANKS
+
+
+def prepare(cfg: TrainConfig) -> tuple[Path, dict, dict]:
+    """Resolve and check everything, decide fresh or resume, and write the run folder's
+    ``train_config.json``, ``resolved.json`` and ``ds_config.json``. Returns (run folder,
+    shard manifest, resolved)."""
+    if not cfg.shards or not cfg.out:
+        raise ConfigError("config keys 'shards' and 'out' are required (--shards URI --out URI)")
+    cfg = resolve(cfg)
+    cfg = replace(cfg, launch=replace(cfg.launch, nproc=nproc(cfg)))
+    man = manifest.read(open_store(cfg.shards, cfg.storage))  # refuses a prefix without a manifest
+    if man["seq_len"] > cfg.model["max_position_embeddings"]:
+        raise ConfigError(f"the shards' seq_len is {man['seq_len']} (tokenize.seq_len) but config key "
+                          f"'model.max_position_embeddings' is {cfg.model['max_position_embeddings']} "
+                          f"(recipe {cfg.recipe!r}): tokenize with a shorter seq_len or raise the model's")
+    world = cfg.launch.nproc * cfg.launch.num_nodes
+    b = ds_config.batch(cfg.micro_batch_size, cfg.grad_accum, world, cfg.global_batch_size)
+    prec = ds_config.precision(cfg.deepspeed.precision)
+    ds = ds_config.build(cfg, b, prec)  # before anything is written: a bad deepspeed.extra key stops here
+    run = _open_run(cfg)
+    init = _init_weights(cfg, man) if not ckpt.committed(run / "checkpoints") else None
+    resolved = {"recipe": cfg.recipe, "model": cfg.model, "world_size": world, "precision": prec,
+                "batch": {"micro": b.micro, "accum": b.accum, "world": b.world, "global": b.global_size},
+                "shards_manifest": man["run_id"], "init_weights": init}
+    (run / CONFIG_FILE).write_text(cfglib.dump(cfg))
+    (run / RESOLVED_FILE).write_text(json.dumps(resolved, indent=2))
+    (run / DS_FILE).write_text(json.dumps(ds, indent=2))
+    n = recipes.param_count(cfglib.build(recipes.ModelConfig, cfg.model), man["tokenizer"]["vocab_size"])
+    log(f"{cfg.recipe}: {n:,} parameters; {b.micro} x {b.accum} accum x {world} ranks = {b.global_size} sequences "
+        f"x {man['seq_len']} = {b.global_size * man['seq_len']:,} tokens per step; {cfg.max_steps} steps, "
+        f"lr {cfg.optim.lr:g}, warmup {cfg.optim.warmup_steps}")
+    log(ds_config.memory_table(n, world, prec))
+    return run, man, resolved
+
+
+def _open_run(cfg: TrainConfig) -> Path:
+    """The run folder, emptied for ``fresh``, or checked for a resume with the same config."""
+    run = run_dir(cfg)
+    run.mkdir(parents=True, exist_ok=True)
+    sync.download_latest(run, cfg)
+    if cfg.fresh:
+        for name in RUN_OUTPUTS:
+            target = run / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        if is_s3(cfg.out):
+            open_store(cfg.out, cfg.storage).delete_prefix("checkpoints")
+        return run
+    if any(run.iterdir()):
+        if not (run / CONFIG_FILE).is_file():
+            raise LmpipeError(f"{cfg.out} is not empty and holds no lmpipe run: pass --fresh to train there")
+        _check_resume(run, cfg)
+        tags = ckpt.committed(run / "checkpoints")
+        if tags:
+            log(f"resuming {cfg.out} from checkpoint {tags[-1]}")
+        elif (run / "checkpoints").exists() or (run / "metrics.jsonl").exists():
+            log(f"{cfg.out} has no committed checkpoint: starting from step 0", level="warning")
+    return run
+
+
+def _check_resume(run: Path, cfg: TrainConfig) -> None:
+    """A run folder may only be continued with the same config (bar RESUMABLE_CHANGES)."""
+    old = json.loads((run / CONFIG_FILE).read_text())
+    new = cfglib.to_dict(cfg)
+    diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    if diff:
+        raise LmpipeError(f"{run} holds a run with a different config ({', '.join(diff)}): "
+                          "resume with the same settings, or pass --fresh to start over")
+
+
+def _init_weights(cfg: TrainConfig, man: dict) -> dict | None:
+    """Resolve ``init_from`` to a local safetensors file, refusing a model of another shape or tokenizer."""
+    from registry import resolve as resolver
+
+    if not cfg.init_from:
+        return None
+    try:
+        ref = resolver.lookup(cfg.init_from, cfg.tracking)
+    except resolver.NoSuchVersion as exc:
+        if cfg.init_missing != "scratch":
+            raise
+        log(f"nothing to warm-start from ({exc}): training from scratch")
+        return None
+    path = resolver.fetch(ref, cfg.storage)
+    meta_file = path / "lmpipe.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("tokenizer_sha256") != man["tokenizer"]["sha256"]:
+        raise LmpipeError(f"init_from {cfg.init_from}: its tokenizer differs from the shards' tokenizer "
+                          f"(sha256 {str(meta.get('tokenizer_sha256'))[:12]} vs {man['tokenizer']['sha256'][:12]}): "
+                          "warm start needs shards made with the same tokenizer (tokenize with base=)")
+    theirs = meta.get("model") or {}
+    if theirs != cfg.model:
+        diff = sorted(k for k in set(cfg.model) | set(theirs) if cfg.model.get(k) != theirs.get(k))
+        raise LmpipeError(f"init_from {cfg.init_from}: model shape differs from recipe {cfg.recipe!r} at {', '.join(diff)}")
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise LmpipeError(f"init_from {cfg.init_from}: no model.safetensors in {path}")
+    log(f"warm start from {cfg.init_from}" + (f" (version {ref.version})" if ref.version else ""))
+    return {"ref": cfg.init_from, "path": str(weights), "version": ref.version or ""}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(cfg: TrainConfig, run: Path, port: int | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc(cfg)),
+           "--master_port", str(port or cfg.launch.master_port or _free_port())]
+    if cfg.launch.hostfile:
+        cmd += ["--hostfile", cfg.launch.hostfile, "--num_nodes", str(cfg.launch.num_nodes)]
+    return [*cmd, "--module", "training.trainer", "--run-dir", str(run)]
+
+
+def _shm_buffers(addr: str, port: int) -> list[Path]:
+    """DeepSpeed's CPU allreduce buffers in /dev/shm for one master address and port. DeepSpeed
+    never removes them: each run would leak ~70 MB of RAM per rank, and a later run on the same
+    port would map a stale buffer and hang."""
+    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"))
+
+
+def _remove(paths: list[Path]) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+JIT_LOCK_STALE_S = 600  # no JIT build of DeepSpeed's CPU ops takes this long
+
+
+def _clear_stale_jit_lock() -> None:
+    """torch's JIT loader serializes builds of DeepSpeed's CPU ops with a ``lock`` file; a rank
+    killed while holding it leaves it behind, and every later run waits on it forever. A lock
+    older than any build is stale: remove it, and say so."""
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > JIT_LOCK_STALE_S:
+        log(f"removing a stale torch extension lock left by a killed run: {lock}", level="warning")
+        lock.unlink(missing_ok=True)
+
+
+def _launch_env(cfg: TrainConfig, mlflow_run: str | None) -> dict[str, str]:
+    import torch
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if mlflow_run:
+        from registry import tracking
+
+        env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri(cfg.tracking)
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator, ranks over gloo
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc(cfg))))
+        if not cfg.launch.hostfile:
+            env.setdefault("MASTER_ADDR", "127.0.0.1")
+        _clear_stale_jit_lock()
+    return env
+
+
+def run(cfg: TrainConfig) -> int:
+    from training import lineage
+
+    run_path, man, resolved = prepare(cfg)
+    cfg = cfglib.build(TrainConfig, json.loads((run_path / CONFIG_FILE).read_text()))  # as resolved
+    mlflow_run = lineage.start(cfg, run_path, man, resolved["model"])
+    resolved["mlflow_run_id"] = mlflow_run
+    (run_path / RESOLVED_FILE).write_text(json.dumps(resolved, indent=2))
+    env = _launch_env(cfg, mlflow_run)
+    port = cfg.launch.master_port or _free_port()
+    cmd = launch_command(cfg, run_path, port)
+    shm = env.get("MASTER_ADDR") if env.get("DS_ACCELERATOR") == "cpu" and not cfg.launch.hostfile else None
+    if shm:
+        _remove(_shm_buffers(shm, port))
+    log("launching: " + " ".join(cmd))
+    # Same process group as us: a kill of the job (Airflow's timeout, a SIGKILL to the group)
+    # reaches the launcher and its ranks too, so no orphaned ranks keep training.
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        raise
+    finally:
+        if shm:
+            _remove(_shm_buffers(shm, port))
+    where = sync.upload_run(run_path, cfg)
+    lineage.finish(cfg, run_path, man, mlflow_run, rc)
+    if rc == 0:
+        log(f"training finished; run folder {where or run_path}, model in {(where or str(run_path)) + '/export'}")
+    else:
+        log(f"training exited with code {rc}; run `lmpipe train` again with the same --out to resume", level="warning")
+    return rc
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", help="shard set from `lmpipe tokenize` (shards)")
+    p.add_argument("--out", help="run folder, local or s3://; an existing run resumes (out)")
+    p.add_argument("--recipe", help=f"training recipe: {', '.join(recipes.RECIPES)} (recipe)")
+    p.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3 (deepspeed.zero_stage)")
+    p.add_argument("--nproc", type=int, help="ranks per node (launch.nproc)")
+    p.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node (launch.hostfile)")
+    p.add_argument("--fresh", action="store_true", default=None, help="start over in a folder that holds a run (fresh)")
+    p.add_argument("--config", help="YAML or JSON config: train keys, or a run config whose 'train' section is used")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. max_steps=500 model.hidden_size=256")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    flags = {"shards": args.shards, "out": args.out, "recipe": args.recipe, "deepspeed.zero_stage": args.zero_stage,
+             "launch.nproc": args.nproc, "launch.hostfile": args.hostfile, "fresh": args.fresh}
+    return cfglib.from_cli(TrainConfig, args.config, args.overrides, flags, "train")
