@@ -3,7 +3,8 @@
 A reference is ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, an ``s3://`` prefix or a
 local folder holding an exported model. :func:`lookup` says what it points at now (cheap: no
 download); :func:`fetch` makes it a local folder. Registry versions are immutable, so each is
-downloaded once into ``$LMPIPE_HOME/models/NAME/VERSION``; an ``s3://`` prefix may be
+downloaded once into ``$LMPIPE_HOME/models/NAME/VERSION-REGISTRY`` (REGISTRY, a hash of the
+tracking URI, keeps apart registries that each hold a version 1 of one name); an ``s3://`` prefix may be
 rewritten, so it is fetched afresh. Either way the download goes to a temporary folder that
 is renamed into place with a ``.complete`` marker written last: a download cut short is
 never mistaken for a model.
@@ -37,6 +38,7 @@ class ModelRef:
     version: str | None  # the registry version, when the reference is (or records) one
     source: str  # models:/NAME/VERSION, an s3:// prefix or a local folder
     run_id: str | None = None
+    registry: str | None = None  # the tracking URI of a registry version
     tags: dict = field(default_factory=dict)
 
     @property
@@ -61,7 +63,8 @@ def lookup(ref: str, tracking_cfg: tracking.TrackingConfig) -> ModelRef:
         v = tracking.alias_version(c, name, alias) if alias else c.get_model_version(name, version)
         if v is None:
             raise NoSuchVersion(f"{ref}: no version of {name} has alias {alias!r}")
-        return ModelRef(ref, name, str(v.version), f"models:/{name}/{v.version}", v.run_id, dict(v.tags))
+        return ModelRef(ref, name, str(v.version), f"models:/{name}/{v.version}", run_id=v.run_id, tags=dict(v.tags),
+                        registry=tracking.tracking_uri(tracking_cfg))
     if is_s3(ref):
         return ModelRef(ref, ref.rstrip("/").rsplit("/", 1)[-1] or "model", None, ref)
     path = Path(open_store(ref).root)
@@ -75,7 +78,8 @@ def lookup(ref: str, tracking_cfg: tracking.TrackingConfig) -> ModelRef:
 def fetch(m: ModelRef, storage=None) -> Path:
     """A local folder holding the model ``m`` points at."""
     if m.source.startswith("models:/"):
-        dest = home() / "models" / m.name / str(m.version)
+        registry = hashlib.sha256(str(m.registry).encode()).hexdigest()[:8]
+        dest = home() / "models" / m.name / f"{m.version}-{registry}"
         if not (dest / COMPLETE).is_file():
             import mlflow
 

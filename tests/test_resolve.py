@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -49,7 +50,7 @@ def test_registry_versions_download_once_behind_a_completion_marker(registry, tm
     tracking.client(registry).set_registered_model_alias(name, "champion", v)
     path, ref = resolve.resolve(f"models:/{name}@champion", registry)
     assert (ref.name, ref.version, ref.source) == (name, v, f"models:/{name}/{v}")
-    assert path == home() / "models" / name / v and (path / resolve.COMPLETE).is_file()
+    assert path.parent == home() / "models" / name and (path / resolve.COMPLETE).is_file()
     assert (path / "model.safetensors").read_bytes() == (tmp_path / "v1" / "model.safetensors").read_bytes()
     (path / "kept").write_text("a second resolve must not download again")
     assert resolve.resolve(f"models:/{name}/{v}", registry)[0] == path and (path / "kept").is_file()
@@ -57,12 +58,26 @@ def test_registry_versions_download_once_behind_a_completion_marker(registry, tm
 
 def test_a_download_cut_short_is_never_taken_for_a_model(registry, tmp_path):
     v = register(model_folder(tmp_path / "v", "whole"), registry)
-    dest = home() / "models" / registry.model_name / v
+    dest, _ = resolve.resolve(f"models:/{registry.model_name}/{v}", registry)
+    shutil.rmtree(dest)
     dest.mkdir(parents=True)
     (dest / "config.json").write_text("{")  # what a killed download leaves: files, no marker
     path, _ = resolve.resolve(f"models:/{registry.model_name}/{v}", registry)
     assert json.loads((path / "config.json").read_text())["text"] == "whole" and (path / resolve.COMPLETE).is_file()
     assert not list(dest.parent.glob(".*tmp*"))  # no temporary folder left behind
+
+
+def test_two_registries_with_the_same_name_and_version_never_share_a_download(registry, tmp_path):
+    other = tracking.TrackingConfig(uri=f"sqlite:///{tmp_path / 'other.db'}", model_name=registry.model_name,
+                                    artifact_location=(tmp_path / "other-artifacts").as_uri())
+    va = register(model_folder(tmp_path / "a", "from the first registry"), registry)
+    vb = register(model_folder(tmp_path / "b", "from the second registry"), other)
+    assert va == vb == "1"
+    a, _ = resolve.resolve(f"models:/{registry.model_name}/1", registry)
+    b, _ = resolve.resolve(f"models:/{registry.model_name}/1", other)
+    assert a != b
+    assert json.loads((a / "config.json").read_text())["text"] == "from the first registry"
+    assert json.loads((b / "config.json").read_text())["text"] == "from the second registry"
 
 
 def test_s3_prefixes_are_fetched_afresh_and_folders_checked(tmp_path, bucket, storage_cfg):
