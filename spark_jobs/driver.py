@@ -36,9 +36,10 @@ def run(cfg: TokenizeConfig) -> dict:
     t0 = time.monotonic()
     cfg = replace(cfg, run_id=cfg.run_id or uuid.uuid4().hex[:12])
     cstore, files, ignored = corpus.resolve(cfg.corpus, cfg.storage)
+    total_bytes = sum(o.size for o in files)
     if ignored:
         log(f"ignoring {len(ignored)} files that are not corpus files, e.g. {ignored[:3]}", level="warning")
-    log(f"corpus {cfg.corpus}: {len(files)} files, {sum(o.size for o in files) / 1e6:.1f} MB")
+    log(f"corpus {cfg.corpus}: {len(files)} files, {total_bytes / 1e6:.1f} MB")
     base_m, base_store = _base(cfg)
     todo = files
     if base_m:
@@ -65,7 +66,7 @@ def run(cfg: TokenizeConfig) -> dict:
                           f"{' in its new files' if base_m else ''}: skipped {skipped or 'none'}")
     if base_m:
         _copy_base(base_store, base_m, out)
-    listing = {"uri": cfg.corpus, "files": len(files), "new_files": len(todo), "bytes": sum(o.size for o in files),
+    listing = {"uri": cfg.corpus, "files": len(files), "new_files": len(todo), "bytes": total_bytes,
                "ignored_files": ignored, "file_list": [{"key": o.key, "size": o.size} for o in todo]}
     shards = [r for r in rows if r["kind"] == "shard"]
     m = manifest.build(seq_len=cfg.seq_len, tokenizer=tok_info, shards=shards, stats=stats, input=listing,

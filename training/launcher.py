@@ -56,10 +56,10 @@ def nproc(cfg: TrainConfig) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else CPU_RANKS
 
 
-def prepare(cfg: TrainConfig) -> tuple[Path, dict, dict]:
+def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Path, dict, dict]:
     """Resolve and check everything, decide fresh or resume, and write the run folder's
-    ``train_config.json``, ``resolved.json`` and ``ds_config.json``. Returns (run folder,
-    shard manifest, resolved)."""
+    ``train_config.json``, ``resolved.json`` and ``ds_config.json``. Returns (the resolved
+    config, run folder, shard manifest, resolved)."""
     if not cfg.shards or not cfg.out:
         raise ConfigError("config keys 'shards' and 'out' are required (--shards URI --out URI)")
     cfg = resolve(cfg)
@@ -86,7 +86,7 @@ def prepare(cfg: TrainConfig) -> tuple[Path, dict, dict]:
         f"x {man['seq_len']} = {b.global_size * man['seq_len']:,} tokens per step; {cfg.max_steps} steps, "
         f"lr {cfg.optim.lr:g}, warmup {cfg.optim.warmup_steps}")
     log(ds_config.memory_table(n, world, prec))
-    return run, man, resolved
+    return cfg, run, man, resolved
 
 
 def _open_run(cfg: TrainConfig) -> Path:
@@ -217,8 +217,7 @@ def _launch_env(cfg: TrainConfig, mlflow_run: str | None) -> dict[str, str]:
 def run(cfg: TrainConfig) -> int:
     from training import lineage
 
-    run_path, man, resolved = prepare(cfg)
-    cfg = cfglib.build(TrainConfig, json.loads((run_path / CONFIG_FILE).read_text()))  # as resolved
+    cfg, run_path, man, resolved = prepare(cfg)
     mlflow_run = lineage.start(cfg, run_path, man, resolved["model"])
     resolved["mlflow_run_id"] = mlflow_run
     (run_path / RESOLVED_FILE).write_text(json.dumps(resolved, indent=2))
