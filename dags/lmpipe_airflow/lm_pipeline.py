@@ -93,7 +93,7 @@ def plan(params: dict, run_id: str, conf: dict) -> dict:
         raise AirflowFailException(f"unknown param(s) in the run's conf: {', '.join(unknown)} "
                                    f"(known: {', '.join(sorted(params))})")
     root = run_root(params["output"], run_id)
-    with s3_access(root):
+    with s3_access(root, params["corpus"]):
         base = base_shards(params["output"], run_id, params["corpus"], params["seq_len"])
         try:
             run = run_config(params, root, base)
@@ -102,8 +102,9 @@ def plan(params: dict, run_id: str, conf: dict) -> dict:
         open_store(root).put_bytes(RUN_CONFIG, runconfig.dump(run).encode())
     uri = join(root, RUN_CONFIG)
     log(f"run config written to {uri}" + (f"; incremental run on top of {base}" if base else ""))
-    return {"root": root, "config": uri, "shards": join(root, "shards"), "train": join(root, "train"),
-            "checks": join(root, "checks"), "base": base, "hostfile": run["train"].launch.hostfile}
+    return {"root": root, "config": uri, "corpus": params["corpus"], "shards": join(root, "shards"),
+            "train": join(root, "train"), "checks": join(root, "checks"), "base": base,
+            "hostfile": run["train"].launch.hostfile}
 
 
 def base_shards(output: str, run_id: str, corpus: str, seq_len: int) -> str | None:
@@ -130,7 +131,7 @@ def base_shards(output: str, run_id: str, corpus: str, seq_len: int) -> str | No
 
 
 def check(plan: dict, suite: str) -> None:
-    stage(["check-data", "--config", plan["config"], "--suite", suite], s3_env(plan["root"]))
+    stage(["check-data", "--config", plan["config"], "--suite", suite], s3_env(plan["corpus"], plan["root"]))
     docs = join(plan["checks"], suite, "data_docs", "index.html")
     if suite == "shards":
         links(shard_manifest=link(join(plan["shards"], "manifest.json")), data_docs=link(docs))
