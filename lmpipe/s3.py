@@ -164,6 +164,12 @@ class S3Store(Store):
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
         return len(objs)
 
+    def presign(self, key: str, expires_s: int = 7 * 24 * 3600) -> str:
+        """A URL that reads ``key`` without credentials until it expires (at most 7 days)."""
+        with self._errors("presign", key):
+            return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket,
+                                                                            "Key": self._key(key)}, ExpiresIn=expires_s)
+
     def copy_within(self, src: "S3Store", key: str, dst_key: str) -> None:
         """A server-side copy from another store on the same endpoint."""
         with self._errors("copy", dst_key):

@@ -19,7 +19,7 @@ from lmpipe import config as cfglib
 from lmpipe.config import stage_config
 from lmpipe.errors import ConfigError, ExitCode, LmpipeError
 from lmpipe.log import log
-from lmpipe.storage import is_s3, open_store
+from lmpipe.storage import StorageConfig, open_store
 from registry import tracking
 from registry.tracking import TrackingConfig
 
@@ -34,6 +34,7 @@ class PromoteConfig:
     rollback: bool = False  # move champion back to the previous champion instead
     report: bool = True  # write the run's HTML report (run/report/index.html) after the decision
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 def run(cfg: PromoteConfig) -> int:
@@ -41,23 +42,20 @@ def run(cfg: PromoteConfig) -> int:
     if cfg.rollback:
         rollback(cfg.tracking)
         return ExitCode.OK
-    version = cfg.candidate or _registered_version(cfg.run)
+    version = cfg.candidate or _registered_version(cfg.run, cfg.storage)
     d = promote(cfg.tracking, version, cfg.margin)
     print(describe(d))
     if cfg.report and cfg.run:
-        if is_s3(cfg.run):
-            log(f"the HTML report is written by `lmpipe report` on a local copy of {cfg.run}")
-        else:
-            from registry import report
+        from registry import report
 
-            print(report.build(open_store(cfg.run).root))
+        print(report.build_uri(cfg.run, cfg.storage))
     return ExitCode.OK if d["decision"] == "promoted" else EXIT_REFUSED
 
 
-def _registered_version(run_dir: str | None) -> str:
+def _registered_version(run_dir: str | None, storage=None) -> str:
     if not run_dir:
         raise ConfigError("give --candidate VERSION, --run DIR or --rollback")
-    store = open_store(run_dir)
+    store = open_store(run_dir, storage)
     if not store.exists("model_version.json"):
         raise LmpipeError(f"{run_dir} registered no model version (no model_version.json): did its training finish?")
     return str(json.loads(store.get_bytes("model_version.json"))["version"])

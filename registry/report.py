@@ -1,17 +1,24 @@
 """``lmpipe report RUN``: one HTML page a person would rather look at than read.
 
 Loss curve and validation perplexity as PNG plots, the champion-versus-candidate table,
-the data-check outcome with a link to its Data Docs, and the lineage.
+the data-check outcome with a link to its Data Docs, and the lineage. A run folder on S3 is
+reported from a local copy of the files the page needs, and the report is uploaded beside
+them with its plots inlined, so the page stands alone (a presigned URL shows all of it).
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
+import tempfile
 from pathlib import Path
 
 from lmpipe.errors import LmpipeError
 from lmpipe.log import log
+from lmpipe.storage import is_s3, open_store
+
+INPUTS = ("train_config.json", "metrics.jsonl", "eval/metrics.json", "data/data_checks.json", "model_version.json")
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1000px;color:#222}
 h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd}
@@ -57,21 +64,47 @@ def _read(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def build(run: str | Path) -> Path:
+def build_uri(run: str, storage=None) -> str:
+    """The report of a run folder, local or on S3; returns where its index.html is."""
+    if not is_s3(run):
+        return str(build(open_store(run).root))
+    store = open_store(run, storage)
+    with tempfile.TemporaryDirectory(prefix="lmpipe-report-") as d:
+        for name in INPUTS:
+            if store.exists(name):
+                store.get_file(name, Path(d) / name)
+        build(Path(d), inline=True, label=store.uri)
+        for p in sorted((Path(d) / "report").iterdir()):
+            store.put_file(f"report/{p.name}", p)
+    return store.url("report/index.html")
+
+
+def build(run: str | Path, inline: bool = False, label: str | None = None) -> Path:
+    """``RUN/report/index.html``; ``inline`` puts the plots in the page itself."""
     run = Path(run)
     if not (run / "train_config.json").is_file():
         raise LmpipeError(f"{run} is not an lmpipe training run folder (no train_config.json)")
     out = run / "report"
     out.mkdir(exist_ok=True)
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").is_file() else []
-    parts = [f"<h1>lmpipe run report</h1><p>Run folder <code>{html.escape(str(run))}</code></p>",
+    parts = [f"<h1>lmpipe run report</h1><p>Run folder <code>{html.escape(label or str(run))}</code></p>",
              *_training(metrics, out), *_comparison(_read(run / "eval" / "metrics.json"), out),
              *_checks(_read(run / "data" / "data_checks.json")), *_lineage_table(_read(run / "model_version.json"))]
+    if inline:
+        parts = [_inline_images(p, out) for p in parts]
     page = out / "index.html"
     page.write_text(f"<!doctype html><html><head><meta charset=utf-8><title>lmpipe report</title><style>{STYLE}</style>"
                     f"</head><body>{''.join(parts)}</body></html>")
     log(f"report: {page}")
     return page
+
+
+def _inline_images(part: str, out: Path) -> str:
+    for name in ("loss.png", "perplexity.png"):
+        if f'src="{name}"' in part:
+            data = base64.b64encode((out / name).read_bytes()).decode()
+            part = part.replace(f'src="{name}"', f'src="data:image/png;base64,{data}"')
+    return part
 
 
 def _training(metrics: list[dict], out: Path) -> list[str]:

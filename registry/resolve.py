@@ -21,10 +21,11 @@ from pathlib import Path
 
 from lmpipe.errors import LmpipeError
 from lmpipe.settings import home
-from lmpipe.storage import is_s3, open_store
+from lmpipe.storage import is_s3, open_store, split_uri
 from registry import tracking
 
 COMPLETE = ".complete"
+MODEL_VERSION, RUN_CONFIG = "model_version.json", "train_config.json"  # in a training run folder
 
 
 class NoSuchVersion(LmpipeError):
@@ -39,6 +40,7 @@ class ModelRef:
     source: str  # models:/NAME/VERSION, an s3:// prefix or a local folder
     run_id: str | None = None
     registry: str | None = None  # the tracking URI of a registry version
+    run: str | None = None  # the training run folder an export belongs to (its eval/ and report/ go there)
     tags: dict = field(default_factory=dict)
 
     @property
@@ -55,8 +57,9 @@ def parse_registry(ref: str) -> tuple[str, str | None, str | None]:
     return name, alias or None, version or None
 
 
-def lookup(ref: str, tracking_cfg: tracking.TrackingConfig) -> ModelRef:
-    """What ``ref`` points at right now (an alias is resolved to its current version)."""
+def lookup(ref: str, tracking_cfg: tracking.TrackingConfig, storage=None) -> ModelRef:
+    """What ``ref`` points at right now (an alias is resolved to its current version). A
+    training run's ``export/`` (local or on S3) carries the version that run registered."""
     if ref.startswith("models:/"):
         name, alias, version = parse_registry(ref)
         c = tracking.client(tracking_cfg)
@@ -65,14 +68,13 @@ def lookup(ref: str, tracking_cfg: tracking.TrackingConfig) -> ModelRef:
             raise NoSuchVersion(f"{ref}: no version of {name} has alias {alias!r}")
         return ModelRef(ref, name, str(v.version), f"models:/{name}/{v.version}", run_id=v.run_id, tags=dict(v.tags),
                         registry=tracking.tracking_uri(tracking_cfg))
-    if is_s3(ref):
-        return ModelRef(ref, ref.rstrip("/").rsplit("/", 1)[-1] or "model", None, ref)
-    path = Path(open_store(ref).root)
-    info = {}
-    if (path.parent / "model_version.json").is_file():  # a training run's export/: the version it registered
-        info = json.loads((path.parent / "model_version.json").read_text())
+    source = ref.rstrip("/") if is_s3(ref) else str(Path(open_store(ref).root))
+    parent, folder = split_uri(source)
+    run = open_store(parent, storage)
+    info = json.loads(run.get_bytes(MODEL_VERSION)) if run.exists(MODEL_VERSION) else {}
     version = str(info["version"]) if info.get("version") is not None else None
-    return ModelRef(ref, info.get("name") or path.name or "model", version, str(path), info.get("run_id"))
+    return ModelRef(ref, info.get("name") or folder or "model", version, source, info.get("run_id"),
+                    run=run.uri if run.exists(RUN_CONFIG) else None)
 
 
 def fetch(m: ModelRef, storage=None) -> Path:
@@ -97,7 +99,7 @@ def fetch(m: ModelRef, storage=None) -> Path:
 
 
 def resolve(ref: str, tracking_cfg: tracking.TrackingConfig, storage=None) -> tuple[Path, ModelRef]:
-    m = lookup(ref, tracking_cfg)
+    m = lookup(ref, tracking_cfg, storage)
     return fetch(m, storage), m
 
 

@@ -28,7 +28,7 @@ class ModelManager:
     # -- resolution -------------------------------------------------------------------------
     def target(self) -> resolver.ModelRef:
         """What the reference points at right now."""
-        return resolver.lookup(self.ref, self.cfg.tracking)
+        return resolver.lookup(self.ref, self.cfg.tracking, self.cfg.storage)
 
     # -- loading ----------------------------------------------------------------------------
     def reload(self) -> bool:

@@ -84,10 +84,10 @@ def test_s3_prefixes_are_fetched_afresh_and_folders_checked(tmp_path, bucket, st
     store = open_store(f"s3://{bucket}/export", storage_cfg)
     for name in ("config.json", "model.safetensors"):
         store.put_bytes(name, b"{}" if name == "config.json" else b"one")
-    path = resolve.fetch(resolve.lookup(f"s3://{bucket}/export", tracking.TrackingConfig()), storage_cfg)
+    path = resolve.fetch(resolve.lookup(f"s3://{bucket}/export", tracking.TrackingConfig(), storage_cfg), storage_cfg)
     assert (path / "model.safetensors").read_bytes() == b"one"
     store.put_bytes("model.safetensors", b"two")  # the prefix was rewritten: a new export
-    path = resolve.fetch(resolve.lookup(f"s3://{bucket}/export", tracking.TrackingConfig()), storage_cfg)
+    path = resolve.fetch(resolve.lookup(f"s3://{bucket}/export", tracking.TrackingConfig(), storage_cfg), storage_cfg)
     assert (path / "model.safetensors").read_bytes() == b"two"
     (tmp_path / "not-a-model").mkdir()
     with pytest.raises(LmpipeError, match="is not a model folder"):

@@ -117,6 +117,45 @@ def test_zero3_two_ranks_from_and_to_s3(real_shards, tmp_path, bucket, storage_c
         assert run.exists(key), key
 
 
+@pytest.mark.slow
+def test_a_retry_on_an_empty_staging_folder_resumes_from_s3(real_shards, tmp_path, bucket, storage_cfg):
+    """The ranks die after a checkpoint went up; the retry runs elsewhere, on an empty staging
+    folder: it restores the run from S3 and ends with the weights of an uninterrupted run."""
+    from lmpipe.storage import open_store
+
+    src = open_store(f"s3://{bucket}/shards", storage_cfg)
+    for p in real_shards.rglob("*"):
+        if p.is_file() and "_checks" not in p.parts:
+            src.put_file(p.relative_to(real_shards).as_posix(), p)
+    args = ["--zero-stage", "2", "max_steps=6", "save_every=2", f"storage.endpoint_url={storage_cfg.endpoint_url}"]
+    shards, out = f"s3://{bucket}/shards", f"s3://{bucket}/runs/retried"
+    rc, log = train(shards, f"s3://{bucket}/runs/straight", *args, f"work_dir={tmp_path / 'straight'}")
+    assert rc == 0, log
+
+    proc = subprocess.Popen(train_cmd(shards, out, *args, f"work_dir={tmp_path / 'first'}", "debug.step_delay_s=0.5"),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = open_store(out, storage_cfg)
+    deadline = time.monotonic() + 300
+    while not run.exists("checkpoints/step-00000002/COMMITTED.json") and time.monotonic() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.2)
+    assert run.exists("checkpoints/step-00000002/COMMITTED.json"), "no checkpoint reached S3"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+    rc, log = train(shards, out, *args, f"work_dir={tmp_path / 'second'}")  # an empty staging folder
+    assert rc == 0, log
+    assert "restored train_config.json" in log and "resumed from" in log and "pass --fresh" not in log
+    straight, retried = (load_file(tmp_path / w / "export" / "model.safetensors") for w in ("straight", "second"))
+    assert straight.keys() == retried.keys() and all(torch.equal(straight[k], retried[k]) for k in straight)
+    for key in ("model_version.json", "mlflow_run.json", "export/model.safetensors", "train_config.json"):
+        assert run.exists(key), key  # what later stages read from the run prefix
+    version = json.loads(run.get_bytes("model_version.json"))["version"]
+    rc, log = train(shards, out, *args, f"work_dir={tmp_path / 'third'}")  # the task retried once more
+    assert rc == 0 and "is this run's version already" in log, log
+    assert json.loads(run.get_bytes("model_version.json"))["version"] == version  # one run, one version
+
+
 def test_launch_command_uses_the_deepspeed_launcher_and_hostfile():
     from lmpipe import config
     from training.config import TrainConfig

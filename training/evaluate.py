@@ -22,7 +22,7 @@ from lmpipe.config import stage_config
 from lmpipe.errors import ConfigError
 from lmpipe.log import log
 from lmpipe.settings import home
-from lmpipe.storage import StorageConfig, open_store
+from lmpipe.storage import StorageConfig, join, open_store
 from registry import resolve as resolver
 from registry import tracking
 from registry.tracking import TrackingConfig
@@ -36,7 +36,7 @@ PROMPTS = ["def ", "import ", "The ", "class "]
 class EvalConfig:
     model: str = ""  # a model folder, s3:// prefix, models:/NAME/VERSION or models:/NAME@ALIAS
     shards: str = ""  # the shard set whose validation split is evaluated
-    out: str | None = None  # where metrics.json goes (default: the run's eval/ folder)
+    out: str | None = None  # where metrics.json goes (default: the model's training run's eval/, local or S3)
     batch_size: int = 8  # sequences per forward pass
     max_sequences: int | None = None  # evaluate at most this many (default: the whole split)
     sample_tokens: int = 24  # tokens per greedy sample
@@ -114,13 +114,13 @@ def run(cfg: EvalConfig) -> dict:
         _record(c, info.get("name", cfg.tracking.model_name), info["version"], cand, cfg.shards, manifest_sha)
         if cand["comparable"] and math.isfinite(cand["perplexity"]):
             c.set_registered_model_alias(info.get("name", cfg.tracking.model_name), tracking.CANDIDATE, info["version"])
-    out = Path(cfg.out) if cfg.out else (model_dir.parent / "eval" if (model_dir.parent / "train_config.json").is_file()
-                                          else home() / "evals" / manifest_sha[:12])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(cfglib.dump(cfg))
+    # beside the training run the model came from (local or on S3), else under $LMPIPE_HOME
+    out = open_store(cfg.out or (join(ref.run, "eval") if ref.run else home() / "evals" / manifest_sha[:12]),
+                     cfg.storage)
+    out.put_bytes(CONFIG_FILE, cfglib.dump(cfg).encode())
     result["config_file"] = CONFIG_FILE
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    result["metrics_path"] = str(out / "metrics.json")
+    out.put_bytes("metrics.json", json.dumps(result, indent=2).encode())
+    result["metrics_path"] = out.url("metrics.json")
     log(summary(result))
     return result
 

@@ -93,7 +93,6 @@ def _open_run(cfg: TrainConfig) -> Path:
     """The run folder, emptied for ``fresh``, or checked for a resume with the same config."""
     run = run_dir(cfg)
     run.mkdir(parents=True, exist_ok=True)
-    sync.download_latest(run, cfg)
     if cfg.fresh:
         for name in RUN_OUTPUTS:
             target = run / name
@@ -101,6 +100,7 @@ def _open_run(cfg: TrainConfig) -> Path:
         if is_s3(cfg.out):
             open_store(cfg.out, cfg.storage).delete_prefix("checkpoints")
         return run
+    sync.restore(run, cfg)
     if any(run.iterdir()):
         if not (run / CONFIG_FILE).is_file():
             raise LmpipeError(f"{cfg.out} is not empty and holds no lmpipe run: pass --fresh to train there")
@@ -130,7 +130,7 @@ def _init_weights(cfg: TrainConfig, man: dict) -> dict | None:
     if not cfg.init_from:
         return None
     try:
-        ref = resolver.lookup(cfg.init_from, cfg.tracking)
+        ref = resolver.lookup(cfg.init_from, cfg.tracking, cfg.storage)
     except resolver.NoSuchVersion as exc:
         if cfg.init_missing != "scratch":
             raise
@@ -221,6 +221,7 @@ def run(cfg: TrainConfig) -> int:
     mlflow_run = lineage.start(cfg, run_path, man, resolved["model"])
     resolved["mlflow_run_id"] = mlflow_run
     (run_path / RESOLVED_FILE).write_text(json.dumps(resolved, indent=2))
+    sync.upload_run(run_path, cfg)  # the run's config on S3 from the start: a retry elsewhere resumes with it
     env = _launch_env(cfg, mlflow_run)
     port = cfg.launch.master_port or _free_port()
     cmd = launch_command(cfg, run_path, port)
@@ -240,8 +241,8 @@ def run(cfg: TrainConfig) -> int:
     finally:
         if shm:
             _remove(_shm_buffers(shm, port))
-    where = sync.upload_run(run_path, cfg)
     lineage.finish(cfg, run_path, man, mlflow_run, rc)
+    where = sync.upload_run(run_path, cfg)  # after finish: later stages read model_version.json
     if rc == 0:
         log(f"training finished; run folder {where or run_path}, model in {(where or str(run_path)) + '/export'}")
     else:

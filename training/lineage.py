@@ -96,10 +96,15 @@ def finish(cfg, run: Path, man: dict, run_id: str | None, rc: int) -> str | None
         return None
     from training import checkpoint as ckpt
 
-    c.log_artifacts(run_id, str(run / "export"), "model")
-    source = f"{c.get_run(run_id).info.artifact_uri}/model"
     tag = ckpt.committed(run / "checkpoints")[-1]
     marker = json.loads((run / "checkpoints" / tag / ckpt.MARKER).read_text())
+    registered = _registered(run, run_id, marker["step"])
+    if registered:  # a retried task: the same run at the same step is one version, not two
+        c.set_terminated(run_id, status="FINISHED")
+        log(f"models:/{registered['name']}/{registered['version']} is this run's version already (step {marker['step']})")
+        return registered["version"]
+    c.log_artifacts(run_id, str(run / "export"), "model")
+    source = f"{c.get_run(run_id).info.artifact_uri}/model"
     store = open_store(cfg.shards, cfg.storage)
     check_uri, check = data_check(cfg)
     lineage = {
@@ -124,11 +129,19 @@ def finish(cfg, run: Path, man: dict, run_id: str | None, rc: int) -> str | None
         c.set_tag(run_id, k, val)
     c.set_terminated(run_id, status="FINISHED")
     (run / "model_version.json").write_text(json.dumps({"name": cfg.tracking.model_name, "version": v.version,
-                                                        "run_id": run_id, "source": source}, indent=2))
+                                                        "run_id": run_id, "source": source,
+                                                        "checkpoint_step": marker["step"]}, indent=2))
     log(f"registered model version models:/{cfg.tracking.model_name}/{v.version} (MLflow run {run_id})")
     if check is None:
         log(f"no data-check result for {cfg.shards}: promotion will refuse this version", level="warning")
     return v.version
+
+
+def _registered(run: Path, run_id: str, step: int) -> dict | None:
+    """The version this MLflow run registered at this checkpoint step, if it did."""
+    f = run / "model_version.json"
+    mv = json.loads(f.read_text()) if f.is_file() else {}
+    return mv if mv.get("run_id") == run_id and mv.get("checkpoint_step") == step else None
 
 
 def log_metrics(run_id: str | None, line: dict, step: int) -> None:

@@ -20,7 +20,7 @@ from unittest import mock
 from lmpipe import settings
 from lmpipe.errors import ExitCode
 from lmpipe.log import log
-from lmpipe.storage import is_s3, open_store
+from lmpipe.storage import is_s3, open_store, split_uri
 from registry.tracking import MODEL_NAME, champion_uri
 
 AWS_CONN = settings.get("LMPIPE_AWS_CONN_ID")
@@ -105,10 +105,14 @@ def stage(args: list[str], env: dict[str, str] | None = None, ok: tuple[int, ...
     raise AirflowException(what)
 
 
-def link(uri: str) -> str:
-    """A clickable form of a storage URI for the task log."""
+def link(uri: str, presign: bool = False) -> str:
+    """A clickable form of a storage URI for the task log: a file:// URL, or for an object on S3
+    a presigned URL (``presign``: a page that stands alone, with S3 credentials at hand) or its URI."""
     if is_s3(uri):
-        return uri
+        if not presign:
+            return uri
+        parent, name = split_uri(uri)
+        return open_store(parent).presign(name)
     return Path(open_store(uri).root).as_uri()
 
 

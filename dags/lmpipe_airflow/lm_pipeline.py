@@ -221,8 +221,8 @@ def promote(run: dict, params: dict) -> str:
     decision = "promoted" if rc == ExitCode.OK else "refused"
     with s3_access(run["root"]):
         complete(run["root"], params, {"decision": decision, "version": run["version"]})
+        report = link(join(run["train"], "report", "index.html"), presign=True)  # the report stands alone
     log(f"promotion {decision}: models:/{run['name']}/{run['version']}")
-    report = None if run["train"].startswith("s3://") else link(join(run["train"], "report", "index.html"))
     links(model_version=run["model_url"], mlflow_run=run["mlflow_url"], report=report)
     return decision
 

@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     cfg = ServeConfig(model=argv[0] if argv else "models:/lmpipe@champion")
     while True:
         try:
-            ref = resolver.lookup(cfg.model, cfg.tracking)
+            ref = resolver.lookup(cfg.model, cfg.tracking, cfg.storage)
             break
         except LmpipeError as exc:
             log(f"waiting for {cfg.model}: {exc}")

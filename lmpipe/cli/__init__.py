@@ -71,7 +71,7 @@ def _run(verb: str, args: argparse.Namespace) -> int:
         print(mod.models_table(config.build(TrackingConfig, {}, args.overrides)))
         return ExitCode.OK
     if verb == "report":
-        print(mod.build(args.run))
+        print(mod.build_uri(args.run))
         return ExitCode.OK
     if verb == "config":
         print(mod.show(SECTION_OF.get(args.verb, args.verb), args.config, args.overrides), end="")

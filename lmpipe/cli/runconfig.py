@@ -36,6 +36,7 @@ FOLLOWS = {
     ("evaluate", "storage"): ("train", "storage"),
     ("evaluate", "tracking"): ("train", "tracking"),
     ("promote", "tracking"): ("train", "tracking"),
+    ("promote", "storage"): ("train", "storage"),
 }
 
 HEADER = "# lmpipe run config: one section per stage; each stage reads only its own (`lmpipe config show VERB`).\n"
