@@ -13,15 +13,18 @@ PYTEST_ARGS ?=
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv system-deps demo airflow-ui test test-fast bench clean
+.PHONY: venv system-deps demo airflow-ui stack stack-down stack-status test test-fast bench clean
 
 venv: $(STAMP)
 
-# Java runs Spark; Debian's chromium renders pages in the browser tests.
+# Java runs Spark; Debian's chromium renders pages in the browser tests; postgresql and
+# redis-server are the metadata DB and the Celery broker of `make stack` (docs/deploy/local-stack.md).
+DEBIAN_PKGS := chromium postgresql redis-server
 system-deps:
 	@command -v java >/dev/null || { echo "error: Spark needs Java 17 on PATH (apt-get install openjdk-17-jre-headless)"; exit 1; }
-	@command -v chromium >/dev/null || { echo "installing Debian's chromium for the browser tests"; \
-		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@missing="$$(for p in $(DEBIAN_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done)"; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:" $$missing; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +47,18 @@ demo: venv
 airflow-ui: venv
 	PYTHONPATH=dags $(PY) -m lmpipe_airflow.demo ui
 
+# The production topology as local processes: PostgreSQL, Redis, S3 (moto), Spark standalone,
+# MLflow, Airflow with Celery workers and the serving job. A second `make stack` is a no-op;
+# state and logs live under $(LMPIPE_HOME)/stack.
+stack: venv system-deps
+	$(PY) -m lmpipe.cli stack up
+
+stack-down: venv
+	$(PY) -m lmpipe.cli stack down
+
+stack-status: venv
+	$(PY) -m lmpipe.cli stack status
+
 # The whole suite, what CI runs (docs/testing.md); test-fast leaves out the long end-to-end runs.
 test: venv system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -56,6 +71,7 @@ bench: venv
 	$(PY) bench/bench_check_data.py
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_serve.py
+	$(PY) bench/bench_stack.py
 
 clean:
 	rm -rf $(VENV) $(LMPIPE_HOME)

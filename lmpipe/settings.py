@@ -8,6 +8,9 @@ deployment around the stages, or are set for lmpipe by the programs that start i
   ``docker/.env.example`` set them by these names, and a test checks the two agree;
 - ``runtime``: set by a launcher or library (DeepSpeed, spark-submit, Airflow) or by lmpipe
   for its own child processes; nobody sets them by hand;
+- ``stack``: ports, logins and locations of the production topology, shared by ``make stack``
+  (:mod:`lmpipe.stack`) and ``docker/compose.yaml``; a test checks that compose's defaults
+  are the ``stack`` values here;
 - ``demo``: knobs of ``make demo``.
 """
 
@@ -24,15 +27,18 @@ class Setting:
     name: str
     default: str | None
     help: str
-    kind: Literal["deployment", "runtime", "demo"] = "deployment"
+    kind: Literal["deployment", "runtime", "stack", "demo"] = "deployment"
+    stack: str | None = None  # the value `make stack` and docker/compose.yaml use when unset
 
 
 SETTINGS = {s.name: s for s in [
     Setting("LMPIPE_HOME", None, "local state: MLflow SQLite store, caches, run staging (default ~/.lmpipe)"),
     Setting("MLFLOW_TRACKING_URI", None, "MLflow tracking server (default: SQLite under LMPIPE_HOME)"),
-    Setting("LMPIPE_CORPUS", None, "lm_pipeline's default corpus URI (default: the demo corpus under LMPIPE_HOME)"),
-    Setting("LMPIPE_OUTPUT", None, "lm_pipeline's default output prefix (default: LMPIPE_HOME/pipeline)"),
-    Setting("LMPIPE_NIGHTLY_CRON", "0 2 * * *", "lm_pipeline's schedule"),
+    Setting("LMPIPE_CORPUS", None, "lm_pipeline's default corpus URI (default: the demo corpus under LMPIPE_HOME)",
+            stack="s3://lmpipe/corpus/"),
+    Setting("LMPIPE_OUTPUT", None, "lm_pipeline's default output prefix (default: LMPIPE_HOME/pipeline)",
+            stack="s3://lmpipe/pipeline"),
+    Setting("LMPIPE_NIGHTLY_CRON", "0 2 * * *", "lm_pipeline's schedule (a cron expression; `none`: only triggered runs)"),
     Setting("LMPIPE_SPARK_CONN_ID", "spark_default", "Airflow connection the tokenize task submits to"),
     Setting("LMPIPE_AWS_CONN_ID", "aws_default", "Airflow aws connection with the S3/MinIO credentials"),
     Setting("LMPIPE_HOSTFILE", None, "DeepSpeed hostfile: lm_pipeline's train runs the launcher on its first host "
@@ -42,6 +48,21 @@ SETTINGS = {s.name: s for s in [
     Setting("LMPIPE_API_KEY", None, "API key the serving job requires, and clients send"),
     Setting("LMPIPE_SPARK_LOG_LEVEL", "WARN", "Spark log level in lmpipe's Spark jobs"),
     Setting("LMPIPE_PROGRESS_S", "5", "seconds between progress lines of long Spark stages"),
+    # the production topology: make stack and docker/compose.yaml
+    Setting("AIRFLOW_PORT", "8080", "Airflow's UI and REST API (api-server)", "stack"),
+    Setting("MLFLOW_PORT", "5000", "MLflow's tracking server, registry and UI", "stack"),
+    Setting("SERVING_PORT", "8000", "the serving job's OpenAI-compatible API", "stack"),
+    Setting("MINIO_PORT", "9000", "the S3 endpoint (MinIO in compose, moto's server in make stack)", "stack"),
+    Setting("SPARK_UI_PORT", "8090", "the Spark standalone master's web UI", "stack"),
+    Setting("SPARK_MASTER_PORT", "7077", "the Spark standalone master (spark://)", "stack"),
+    Setting("POSTGRES_PORT", "5432", "PostgreSQL: Airflow's metadata DB and MLflow's backend store", "stack"),
+    Setting("REDIS_PORT", "6379", "Redis: the Celery broker of Airflow's workers", "stack"),
+    Setting("SPARK_WORKER_CORES", "2", "cores each Spark worker offers", "stack"),
+    Setting("SPARK_WORKER_MEMORY", "4g", "memory each Spark worker offers", "stack"),
+    Setting("AIRFLOW_ADMIN_USER", "admin", "the Airflow UI's admin login", "stack"),
+    Setting("AWS_DEFAULT_REGION", "us-east-1", "S3 region of the aws connection and MLflow's artifacts", "stack"),
+    Setting("MLFLOW_ARTIFACTS_DESTINATION", "s3://mlflow/artifacts", "where the MLflow server keeps artifacts", "stack"),
+    Setting("DEMO_CORPUS_MB", "8", "demo corpus written to LMPIPE_CORPUS on first start when it is empty (0: none)", "stack"),
     # set by launchers and libraries
     Setting("RANK", None, "the global rank of a training process (DeepSpeed's launcher)", "runtime"),
     Setting("LOCAL_RANK", "0", "the rank on its node, which picks the GPU (DeepSpeed's launcher)", "runtime"),
@@ -53,6 +74,10 @@ SETTINGS = {s.name: s for s in [
     Setting("SPARK_LOCAL_IP", None, "Spark's bind address; a local session stays on 127.0.0.1", "runtime"),
     Setting("GX_ANALYTICS_ENABLED", None, "Great Expectations' usage analytics; lmpipe turns them off", "runtime"),
     Setting("MLFLOW_S3_ENDPOINT_URL", None, "MLflow's S3 endpoint; lmpipe passes storage.endpoint_url on", "runtime"),
+    Setting("AWS_ACCESS_KEY_ID", None, "S3 key for a stage process; lm_pipeline's tasks set it from the aws connection", "runtime"),
+    Setting("AWS_SECRET_ACCESS_KEY", None, "S3 secret, set like AWS_ACCESS_KEY_ID", "runtime"),
+    Setting("AWS_SESSION_TOKEN", None, "S3 session token, set like AWS_ACCESS_KEY_ID", "runtime"),
+    Setting("AWS_ENDPOINT_URL", None, "S3 endpoint, set like AWS_ACCESS_KEY_ID; a Spark job passes these on to its executors", "runtime"),
     Setting("PATH", None, "the OS's; the DAG adds pyspark's spark-submit to it when no Spark is installed", "runtime"),
     # make demo
     Setting("DEMO_MB", "8", "size of the demo corpus in MB", "demo"),
@@ -69,6 +94,12 @@ def explicit(name: str) -> str | None:
     """The value of a known setting only when it is set (its default otherwise counts as unset)."""
     assert name in SETTINGS, name
     return os.environ.get(name) or None
+
+
+def stack(name: str) -> str:
+    """The value of a setting in the production topology: as set, else its ``stack`` value."""
+    s = SETTINGS[name]
+    return os.environ.get(name) or s.stack or s.default or ""
 
 
 def home() -> Path:

@@ -43,6 +43,7 @@ VERBS = [
     Verb("report", "registry.report", "write an HTML report into a training run folder"),
     Verb("serve", "serving.serve", "the OpenAI-compatible inference server for the champion",
          "serving.serve:ServeConfig", "serve"),
+    Verb("stack", "lmpipe.stack", "start, list or stop the production topology as local processes (make stack)"),
     Verb("config", "lmpipe.cli.runconfig", "print a stage's resolved config with every default"),
 ]
 SECTION_OF = {v.name: v.section for v in VERBS if v.section}
@@ -73,6 +74,8 @@ def _run(verb: str, args: argparse.Namespace) -> int:
     if verb == "report":
         print(mod.build_uri(args.run))
         return ExitCode.OK
+    if verb == "stack":
+        return mod.main(args.action)
     if verb == "config":
         print(mod.show(SECTION_OF.get(args.verb, args.verb), args.config, args.overrides), end="")
         return ExitCode.OK
