@@ -42,6 +42,7 @@ from training.recipes import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 NIGHTLY = settings.get("LMPIPE_NIGHTLY_CRON")  # the one place the schedule is set (default 02:00)
+SCHEDULE = None if NIGHTLY.strip().lower() == "none" else NIGHTLY  # "none": triggered runs only
 CHAMPION = champion_asset()
 PROMOTIONS = AssetAlias("lmpipe-promotions")  # promote emits CHAMPION through it only when it promotes
 
@@ -91,7 +92,7 @@ PARAMS = {
 }
 
 
-@dag(dag_id="lm_pipeline", schedule=NIGHTLY, start_date=dt.datetime(2026, 1, 1), catchup=False, max_active_runs=1,
+@dag(dag_id="lm_pipeline", schedule=SCHEDULE, start_date=dt.datetime(2026, 1, 1), catchup=False, max_active_runs=1,
      default_args=DEFAULTS, params=PARAMS, tags=["lmpipe", "training", "spark", "deepspeed"], doc_md=__doc__)
 def lm_pipeline():
     @task(execution_timeout=dt.timedelta(minutes=30))
@@ -119,7 +120,8 @@ def lm_pipeline():
         tasks.evaluate(run)
         return run
 
-    @task(outlets=[PROMOTIONS], execution_timeout=dt.timedelta(minutes=30))
+    # A registry that is briefly away is retried soon; the gate itself is idempotent.
+    @task(outlets=[PROMOTIONS], execution_timeout=dt.timedelta(minutes=30), retry_delay=dt.timedelta(seconds=30))
     def promote(run: dict, params=None, outlet_events=None) -> dict:
         decision = tasks.promote(run, params)
         if decision == "promoted":

@@ -13,6 +13,15 @@ from lmpipe import settings
 from lmpipe.log import log
 
 
+def s3_env() -> dict[str, str]:
+    """The S3 settings of this process's environment (what a task handed the driver)."""
+    found = {"AWS_ACCESS_KEY_ID": settings.explicit("AWS_ACCESS_KEY_ID"),
+             "AWS_SECRET_ACCESS_KEY": settings.explicit("AWS_SECRET_ACCESS_KEY"),
+             "AWS_SESSION_TOKEN": settings.explicit("AWS_SESSION_TOKEN"),
+             "AWS_ENDPOINT_URL": settings.explicit("AWS_ENDPOINT_URL")}
+    return {k: v for k, v in found.items() if v}
+
+
 def session(master: str | None, app_name: str, conf: dict[str, str] | None = None):
     """A SparkSession. Under spark-submit the master comes from spark-submit unless one is given."""
     from pyspark.sql import SparkSession
@@ -28,6 +37,11 @@ def session(master: str | None, app_name: str, conf: dict[str, str] | None = Non
         "spark.driver.memory": "2g",
         "spark.sql.adaptive.enabled": "false",  # keep partition counts exactly as configured
     }
+    # Executors on a cluster's workers do not inherit the driver's environment: hand them the S3
+    # credentials the driver got (from the Airflow aws connection), redacted in Spark's UI and logs.
+    for name, value in s3_env().items():
+        defaults[f"spark.executorEnv.{name}"] = value
+    defaults["spark.redaction.regex"] = "(?i)secret|password|token|access[.]key|aws_access_key_id"
     if (master or "local").startswith("local"):
         # Workers on this machine run this interpreter, so they see the same packages, and a
         # local job stays on loopback.

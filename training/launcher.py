@@ -140,13 +140,13 @@ def _init_weights(cfg: TrainConfig, man: dict) -> dict | None:
     meta_file = path / "lmpipe.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     if meta.get("tokenizer_sha256") != man["tokenizer"]["sha256"]:
-        raise LmpipeError(f"init_from {cfg.init_from}: its tokenizer differs from the shards' tokenizer "
+        raise ConfigError(f"init_from {cfg.init_from}: its tokenizer differs from the shards' tokenizer "
                           f"(sha256 {str(meta.get('tokenizer_sha256'))[:12]} vs {man['tokenizer']['sha256'][:12]}): "
                           "warm start needs shards made with the same tokenizer (tokenize with base=)")
     theirs = meta.get("model") or {}
     if theirs != cfg.model:
         diff = sorted(k for k in set(cfg.model) | set(theirs) if cfg.model.get(k) != theirs.get(k))
-        raise LmpipeError(f"init_from {cfg.init_from}: model shape differs from recipe {cfg.recipe!r} at {', '.join(diff)}")
+        raise ConfigError(f"init_from {cfg.init_from}: model shape differs from recipe {cfg.recipe!r} at {', '.join(diff)}")
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise LmpipeError(f"init_from {cfg.init_from}: no model.safetensors in {path}")

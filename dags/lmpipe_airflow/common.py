@@ -68,8 +68,11 @@ def aws_env(conn_id: str) -> dict[str, str]:
     env = {"AWS_ACCESS_KEY_ID": creds.access_key, "AWS_SECRET_ACCESS_KEY": creds.secret_key}
     if creds.token:
         env["AWS_SESSION_TOKEN"] = creds.token
-    for value in env.values():
-        mask_secret(value)
+    # The secret and the token are masked in every log; the key id is not a secret (AWS prints it in
+    # presigned URLs, which the task log hands out), and masking it would break those links.
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        if name in env:
+            mask_secret(env[name])
     if endpoint := conn.get_service_endpoint_url("s3"):
         env["AWS_ENDPOINT_URL"] = endpoint
         env["MLFLOW_S3_ENDPOINT_URL"] = endpoint
@@ -116,9 +119,22 @@ def link(uri: str, presign: bool = False) -> str:
     return Path(open_store(uri).root).as_uri()
 
 
-def links(**named: str | None) -> None:
-    """The task log's last lines: what this task produced, and where to look at it."""
+LINKS_KEY = "lmpipe_links"  # the XCom the extra-link buttons read (plugins/lmpipe_links.py)
+
+
+def links(presign: tuple[str, ...] = (), **named: str | None) -> None:
+    """What this task produced, and where to look at it: the task log's last lines, and the
+    ``lmpipe_links`` XCom behind the task's extra-link buttons in the Airflow UI. The XCom keeps
+    ``s3://`` URIs (the UI presigns them when asked); the log presigns the ``presign`` names."""
+    named = {k: v for k, v in named.items() if v}
     print("lmpipe: outputs of this task:", flush=True)
     for name, url in named.items():
-        if url:
-            print(f"lmpipe:   {name.replace('_', ' ')}: {url}", flush=True)
+        shown = link(url, presign=True) if name in presign and is_s3(url) else url
+        print(f"lmpipe:   {name.replace('_', ' ')}: {shown}", flush=True)
+    try:
+        from airflow.sdk import get_current_context
+
+        ti = get_current_context()["ti"]
+    except Exception:  # not inside a running task (a unit test, a script)
+        return
+    ti.xcom_push(key=LINKS_KEY, value=named)

@@ -221,9 +221,10 @@ def promote(run: dict, params: dict) -> str:
     decision = "promoted" if rc == ExitCode.OK else "refused"
     with s3_access(run["root"]):
         complete(run["root"], params, {"decision": decision, "version": run["version"]})
-        report = link(join(run["train"], "report", "index.html"), presign=True)  # the report stands alone
-    log(f"promotion {decision}: models:/{run['name']}/{run['version']}")
-    links(model_version=run["model_url"], mlflow_run=run["mlflow_url"], report=report)
+        log(f"promotion {decision}: models:/{run['name']}/{run['version']}")
+        # the report stands alone: its log line is a presigned URL on S3
+        links(presign=("report",), model_version=run["model_url"], mlflow_run=run["mlflow_url"],
+              report=link(join(run["train"], "report", "index.html")))
     return decision
 
 
