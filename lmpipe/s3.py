@@ -47,6 +47,14 @@ def s3_client(cfg: StorageConfig):
         return _clients[key]
 
 
+def content_type(key: str) -> str:
+    """The Content-Type a browser needs to show an object (an HTML report, a JSON manifest) rather
+    than download it; anything unknown is binary."""
+    import mimetypes
+
+    return mimetypes.guess_type(key)[0] or "application/octet-stream"
+
+
 class S3Store(Store):
     def __init__(self, bucket: str, prefix: str, cfg: StorageConfig | None = None):
         if not bucket:
@@ -97,13 +105,13 @@ class S3Store(Store):
             multipart_chunksize=self.cfg.multipart_chunk_mb * MB,
         )
         with self._errors("upload", key):
-            self.client.upload_file(
-                str(local_path), self.bucket, self._key(key), Config=tc, ExtraArgs={"ChecksumAlgorithm": "SHA256"}
-            )
+            self.client.upload_file(str(local_path), self.bucket, self._key(key), Config=tc,
+                                    ExtraArgs={"ChecksumAlgorithm": "SHA256", "ContentType": content_type(key)})
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self._errors("upload", key):
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ChecksumAlgorithm="SHA256")
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ChecksumAlgorithm="SHA256",
+                                   ContentType=content_type(key))
 
     def open(self, key: str, start: int = 0) -> BinaryIO:
         extra = {"Range": f"bytes={start}-"} if start else {}

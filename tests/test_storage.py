@@ -108,3 +108,20 @@ def test_missing_bucket_and_wrong_credentials(s3_endpoint, storage_cfg, monkeypa
 def test_unsupported_scheme():
     with pytest.raises(StorageError, match="unsupported storage URI"):
         open_store("gs://bucket/x")
+
+
+def test_s3_objects_carry_the_content_type_a_browser_needs(tmp_path, bucket, storage_cfg, s3_endpoint):
+    """An HTML report or a JSON manifest opened from a presigned link is shown, not downloaded."""
+    import boto3
+
+    store = _stores(tmp_path, bucket, storage_cfg)["s3"]
+    page = tmp_path / "index.html"
+    page.write_text("<html></html>")
+    store.put_file("report/index.html", page)
+    store.put_bytes("shards/manifest.json", b"{}")
+    store.put_bytes("shards/train/part-0.parquet", b"PAR1")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    types = {k: s3.head_object(Bucket=bucket, Key=f"some/prefix/{k}")["ContentType"] for k in
+             ("report/index.html", "shards/manifest.json", "shards/train/part-0.parquet")}
+    assert types == {"report/index.html": "text/html", "shards/manifest.json": "application/json",
+                     "shards/train/part-0.parquet": "application/octet-stream"}
