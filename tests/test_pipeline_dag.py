@@ -172,48 +172,6 @@ printf 'corrupt' | dd of="$shard" bs=1 seek=100 conv=notrunc 2>/dev/null
     assert champion(env) == before
 
 
-def test_an_s3_run_with_credentials_only_in_the_aws_connection_finishes(af, s3_endpoint, bucket, tmp_path):
-    """Corpus and output on S3, and no AWS_* variable in Airflow's environment: the aws_default
-    connection is the only source of credentials, as the deployment docs recommend."""
-    import boto3
-    import httpx
-    import yaml
-
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    part = next(af["corpus"].glob("date=*/part-0.jsonl"))
-    s3.upload_file(str(part), bucket, f"corpus/{part.parent.name}/part-0.jsonl")
-    env = {k: v for k, v in af["env"].items() if not k.startswith("AWS_")}
-    env["AIRFLOW_CONN_AWS_DEFAULT"] = json.dumps({"conn_type": "aws", "login": "s3-key", "password": "s3-secret",
-                                                  "extra": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"}})
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"  # a registry of its own: it promotes
-    r = airflow(env, "dags", "test", "lm_pipeline", "-c",
-                conf(f"s3://{bucket}/corpus", f"s3://{bucket}/out"), timeout=900)
-    run = runs(env)[-1]
-    assert run["state"] == "success", (r.stdout + r.stderr)[-6000:]
-    assert set(task_states(env, run["run_id"]).values()) == {"success"}
-
-    from lmpipe_airflow.lm_pipeline import safe_run_id
-
-    root = f"out/runs/{safe_run_id(run['run_id'])}"
-    keys = {o["Key"][len(root) + 1:] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=root)
-            for o in page.get("Contents", [])}
-    for key in ("run_config.yaml", "checks/corpus/result.json", "shards/manifest.json", "checks/shards/result.json",
-                "train/mlflow_run.json", "train/model_version.json", "train/export/model.safetensors",
-                "train/eval/metrics.json", "train/report/index.html", "COMPLETED.json"):
-        assert key in keys, key
-
-    def read(key):
-        return s3.get_object(Bucket=bucket, Key=f"{root}/{key}")["Body"].read()
-
-    assert json.loads(read("COMPLETED.json"))["decision"] == "promoted"
-    assert yaml.safe_load(read("run_config.yaml"))["train"]["out"] == f"s3://{bucket}/{root}/train"
-    version = json.loads(read("train/model_version.json"))["version"]
-    assert json.loads(read("train/eval/metrics.json"))["candidate"]["version"] == str(version)  # the s3:// model's
-    report = next(line.split("report: ", 1)[1] for line in r.stdout.splitlines() if "lmpipe:   report: " in line)
-    page = httpx.get(report, timeout=30, trust_env=False)  # a presigned URL: no credentials needed
-    assert page.status_code == 200 and "lmpipe run report" in page.text and "data:image/png;base64," in page.text
-
-
 def _make_champion(c, version: str) -> None:
     """What a promotion does to the registry (alias plus history), without the evaluation gate."""
     from registry import tracking

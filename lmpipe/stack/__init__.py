@@ -67,13 +67,13 @@ def endpoints(sec: dict) -> dict[str, str]:
 
 
 def down() -> list[str]:
-    """Stop every process ``up`` started, newest first; returns their names."""
+    """Stop every process ``up`` started: the clients first (serving, Airflow, MLflow, Spark), then
+    the stores they write to (S3, Redis, PostgreSQL); returns their names."""
     state = State(root())
-    stopped = []
-    for name in reversed(list(state.data)):
-        if stop(state, name):
-            stopped.append(name)
-            log(f"stack: stopped {name}")
+    stores = [n for n in ("s3", "redis", "postgres") if n in state.data]
+    stopped = stop(state, [n for n in state.data if n not in stores]) + stop(state, stores)
+    for name in stopped:
+        log(f"stack: stopped {name}")
     if not stopped:
         log("stack: nothing was running")
     return stopped

@@ -127,22 +127,29 @@ def tail(state: State, name: str, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
 
 
-def stop(state: State, name: str, grace: float = 30) -> bool:
-    """Stop the recorded process of ``name`` and its session's group: its own signal, then
-    SIGKILL after ``grace`` s. Only the recorded pid (checked by start time) is signalled."""
-    p = state.process(name)
-    rec = state.data.pop(name, None)
+def stop(state: State, names: list[str], grace: float = 30) -> list[str]:
+    """Stop the recorded processes of ``names`` and their sessions' groups, all at once: each its
+    own signal, then SIGKILL after ``grace`` s. Only recorded pids (checked by start time) are
+    signalled; returns the names that were running."""
+    if not names:
+        return []
+    procs, trees, recs = {}, [], {}
+    for name in names:
+        p, rec = state.process(name), state.data.pop(name, None)
+        if p is not None and rec is not None:
+            procs[name], recs[name] = p, rec
+            with suppress(psutil.Error):
+                trees += p.children(recursive=True)
     state.save()
-    if p is None or rec is None:
-        return False
-    tree = p.children(recursive=True)
-    with suppress(ProcessLookupError):
-        os.killpg(p.pid, rec.get("signal", signal.SIGTERM))
-    gone, alive = psutil.wait_procs([p], timeout=grace)
-    for q in [*alive, *tree]:
+    for name, p in procs.items():
+        with suppress(ProcessLookupError):
+            os.killpg(p.pid, recs[name].get("signal", signal.SIGTERM))
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace)
+    for q in [*alive, *trees]:
         with suppress(psutil.Error):
             q.kill()
-    with suppress(ProcessLookupError):
-        os.killpg(p.pid, signal.SIGKILL)  # whatever of the group is left
-    psutil.wait_procs([p, *tree], timeout=5)
-    return True
+    for p in procs.values():
+        with suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)  # whatever of the group is left
+    psutil.wait_procs([*procs.values(), *trees], timeout=5)
+    return list(procs)
