@@ -111,6 +111,13 @@ class LiveAirflow:
         return subprocess.run([AIRFLOW, *args], env=self.env, cwd=self.home, capture_output=True, text=True,
                               timeout=timeout, check=False)
 
+    def login(self, page) -> None:
+        """Sign a Playwright page in through the UI's login form."""
+        page.goto(self.url + "/")
+        page.get_by_label("Username").fill(self.username)
+        page.get_by_label("Password").fill(self.password)
+        page.get_by_role("button", name="Sign in").click()
+
     def unpause(self, dag_id: str) -> None:
         self.api("PATCH", f"/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
 

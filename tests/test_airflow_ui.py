@@ -98,10 +98,7 @@ def test_trigger_from_the_ui_form_runs_the_pipeline(live):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(30_000)
         try:
-            page.goto(af.url + "/")
-            page.get_by_label("Username").fill(af.username)
-            page.get_by_label("Password").fill(af.password)
-            page.get_by_role("button", name="Sign in").click()
+            af.login(page)
             page.get_by_role("link", name="Dags", exact=True).click()
             page.get_by_role("link", name="lm_pipeline", exact=True).first.click()
             page.wait_for_url("**/dags/lm_pipeline")

@@ -201,10 +201,7 @@ def test_task_outputs_are_extra_link_buttons_that_open_from_the_browser(stack, f
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(30_000)
         try:
-            page.goto(af.url + "/")
-            page.get_by_label("Username").fill(af.username)
-            page.get_by_label("Password").fill(af.password)
-            page.get_by_role("button", name="Sign in").click()
+            af.login(page)
             page.wait_for_url(re.compile(r"127\.0\.0\.1:\d+/?$"))
             # the task instance's Details tab lists its extra links
             page.goto(f"{af.url}/dags/lm_pipeline/runs/{quote(run_id, safe='')}/tasks/promote/details")
