@@ -86,6 +86,8 @@ def decide(c, name: str, version: str, margin: float, evaluate_missing=None) -> 
     cand_ppl = _ppl(cand, shards_sha) if shards_sha else None
     if cand_ppl is None:
         reasons.append("no comparable evaluation of the candidate: run `lmpipe evaluate` first")
+    elif not math.isfinite(cand_ppl):
+        reasons.append(f"its perplexity is not finite ({cand_ppl}): a diverged model is never promoted")
     champ = tracking.alias_version(c, name, tracking.CHAMPION)
     champ_ppl = None
     if champ is not None and str(champ.version) != str(version) and cand_ppl is not None:
@@ -104,9 +106,38 @@ def decide(c, name: str, version: str, margin: float, evaluate_missing=None) -> 
             "champion_perplexity": champ_ppl, "margin": margin, "at": _now()}
 
 
+def already_promoted(c, name: str, version: str) -> dict | None:
+    """When ``version`` already holds the champion alias (a retried promotion, or one run again):
+    its promotion stands. An attempt that moved the alias and stopped before its bookkeeping
+    (history, event log, decision tags, written in that order) has it finished here, once."""
+    champ = tracking.alias_version(c, name, tracking.CHAMPION)
+    if champ is None or str(champ.version) != version:
+        return None
+    events = tracking.champion_log(c, name)
+    logged = bool(events) and events[-1][:2] == [version, "promoted"]
+    last = json.loads(champ.tags.get("lmpipe.promotion.last") or "{}")
+    if logged and last.get("decision") == "promoted" and last.get("at") == events[-1][2]:
+        log(f"v{version} is the champion already: its promotion at {last['at']} stands")
+        return last
+    hist = tracking.champion_history(c, name)
+    if not hist or hist[-1] != version:
+        c.set_registered_model_tag(name, tracking.HISTORY_TAG, json.dumps([*hist, version]))
+    d = {"decision": "promoted", "reasons": [], "candidate": version, "candidate_perplexity": None,
+         "champion": None, "champion_perplexity": None, "resumed": True,
+         "at": events[-1][2] if logged else _now()}
+    if not logged:
+        tracking.log_champion(c, name, version, "promoted", d["at"])
+    c.set_model_version_tag(name, version, f"lmpipe.promotion.{d['at']}", json.dumps(d))
+    c.set_model_version_tag(name, version, "lmpipe.promotion.last", json.dumps(d))
+    log(f"v{version} holds the champion alias from an earlier attempt: its promotion is now complete")
+    return d
+
+
 def promote(cfg, version: str, margin: float) -> dict:
     c = tracking.client(cfg)
     name = cfg.model_name
+    if (done := already_promoted(c, name, str(version))) is not None:
+        return done
     d = decide(c, name, str(version), margin)
     if d["decision"] == "promoted":
         hist = tracking.champion_history(c, name)
@@ -137,6 +168,8 @@ def rollback(cfg) -> dict:
 
 
 def describe(d: dict) -> str:
+    if d["decision"] == "promoted" and d.get("candidate_perplexity") is None:
+        return f"promoted v{d['candidate']} to champion (an earlier attempt moved the alias; its promotion stands)"
     if d["decision"] == "promoted":
         champ = f" over champion v{d['champion']} ({d['champion_perplexity']:.4f})" if d["champion"] else " (no champion yet)"
         return f"promoted v{d['candidate']} to champion: perplexity {d['candidate_perplexity']:.4f}{champ}"

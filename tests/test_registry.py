@@ -141,3 +141,4 @@ def test_report_renders_with_plot_and_table(registry):
     blue = sum(n for n, (r, g, b) in colors if abs(r - 9) < 20 and abs(g - 105) < 25 and abs(b - 218) < 25)
     assert blue > 500, "the loss curve is not visible"
     assert (run / "report" / "loss.png").stat().st_size > 5000
+
