@@ -68,6 +68,22 @@ def default_results(target: str, run_id: str, is_file: bool) -> str:
     return join(base, "_checks", run_id)
 
 
+MARKER = ".lmpipe-results"  # written first into a results folder: lmpipe's own, even half-written
+
+
+def guard_results(uri: str, storage) -> None:
+    """A results folder is replaced on a re-run, so it must be new, empty, or lmpipe's own
+    (it holds the marker lmpipe writes first, or a ``result.json``): anything else at ``uri``
+    is refused before any work."""
+    if not is_s3(uri) and Path(LocalStore(uri).root).is_file():
+        raise ConfigError(f"config key 'results' is {uri}, which is a file: give a folder")
+    store = open_store(uri, storage)
+    if store.exists(MARKER) or store.exists("result.json") or not store.list(""):
+        return
+    raise ConfigError(f"config key 'results' is {uri}, which holds files lmpipe did not write (no result.json): "
+                      "give a new or empty folder; nothing there was changed")
+
+
 def suite_and_target(cfg: CheckConfig) -> tuple[str, str]:
     """Which suite runs, on which URI."""
     targets = {k: v for k, v in (("corpus", cfg.corpus), ("shards", cfg.shards)) if v}
@@ -85,6 +101,8 @@ def run(cfg: CheckConfig) -> dict:
     from data_checks import metrics, suites
 
     kind, target = suite_and_target(cfg)
+    if cfg.results:
+        guard_results(results_for(cfg, kind), cfg.storage)
     run_id = cfg.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(2)
     t0 = time.monotonic()
     log(f"check-data: {kind} suite on {target}")
@@ -107,6 +125,7 @@ def run(cfg: CheckConfig) -> dict:
     if local_dir.exists() and not is_s3(results_uri):
         shutil.rmtree(local_dir)  # re-running a run id replaces its results (safe to clear and retry)
     local_dir.mkdir(parents=True, exist_ok=True)
+    (local_dir / MARKER).write_text("")
     outcome = suites.run(kind, tables, exps, local_dir, run_id)
     result = {
         "kind": kind, "target": target, "run_id": run_id, "success": outcome.success,
@@ -120,6 +139,7 @@ def run(cfg: CheckConfig) -> dict:
     if is_s3(results_uri):
         out = open_store(results_uri, cfg.storage)
         out.delete_prefix("")
+        out.put_bytes(MARKER, b"")  # first: a retry after a cut-short upload may replace the rest
         for p in sorted(local_dir.rglob("*")):
             if p.is_file():
                 out.put_file(p.relative_to(local_dir).as_posix(), p)

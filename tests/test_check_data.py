@@ -266,3 +266,26 @@ def test_cli_exit_codes(shards, capsys):
     assert "FAILED Every shard listed in the manifest exists" in err and first_shard(shards) in err
     assert cli.main(["check-data", "--shards", str(shards), "max_dup=1"]) == 2
     assert "unknown config key 'max_dup'" in capsys.readouterr().err
+
+
+def test_results_never_replace_a_folder_lmpipe_did_not_write(demo_corpus_dir, tmp_path):
+    """--results is replaced on a re-run: a folder with other files in it, or a file, is refused."""
+    from lmpipe.errors import ConfigError
+
+    precious = tmp_path / "home"
+    (precious / "notes").mkdir(parents=True)
+    (precious / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds files lmpipe did not write"):
+        check(corpus=str(demo_corpus_dir), results=str(precious))
+    assert (precious / "notes" / "keep.txt").read_text() == "mine"
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="which is a file"):
+        check(corpus=str(demo_corpus_dir), results=str(tmp_path / "a-file"))
+    half = tmp_path / "half"  # an attempt cut short: lmpipe's marker came first, no result.json yet
+    (half / "data_docs").mkdir(parents=True)
+    (half / ".lmpipe-results").write_text("")
+    (half / "data_docs" / "index.html").write_text("partial")
+    assert check(corpus=str(demo_corpus_dir), results=str(half))["success"]
+    first = check(corpus=str(demo_corpus_dir), results=str(tmp_path / "mine"))  # new: written
+    again = check(corpus=str(demo_corpus_dir), results=str(tmp_path / "mine"))  # lmpipe's own: replaced
+    assert first["success"] and again["success"] and (tmp_path / "mine" / "result.json").is_file()
