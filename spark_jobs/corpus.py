@@ -50,6 +50,12 @@ class Record:
     doc_id: str
     text: str | None
     reason: str | None = None  # set when the record is skipped
+    source_id: str | None = None  # a piece of a long document: that document's id
+
+    @property
+    def split_key(self) -> str:
+        """What decides the split: the whole document's id, so all its pieces land together."""
+        return self.source_id or self.doc_id
 
 
 def file_format(key: str) -> tuple[str | None, str | None]:
@@ -129,7 +135,7 @@ def _finish(doc_id: str, text, cfg: CorpusConfig) -> Iterator[Record]:
         yield Record(doc_id, text[: cfg.max_doc_chars])
     else:
         for i in range(0, len(text), cfg.max_doc_chars):
-            yield Record(f"{doc_id}#{i // cfg.max_doc_chars}", text[i : i + cfg.max_doc_chars])
+            yield Record(f"{doc_id}#{i // cfg.max_doc_chars}", text[i : i + cfg.max_doc_chars], source_id=doc_id)
 
 
 def _lines(stream, chunk: int = 1 << 20) -> Iterator[bytes]:

@@ -109,7 +109,7 @@ def _pack_task(cfg, tok, src, out, segments, part: int, dropped: set, eos_id: in
             stats["duplicates_removed"] += 1
         else:
             texts.append(rec.text)
-            splits.append(corpus.split_of(rec.doc_id, cfg.validation_fraction))
+            splits.append(corpus.split_of(rec.split_key, cfg.validation_fraction))
             if len(texts) >= DOC_BATCH:
                 encode(texts, splits)
                 texts, splits = [], []

@@ -238,3 +238,20 @@ def test_incremental_run_tokenizes_only_new_partitions_and_merges(tmp_path, demo
         run(f"s3://{bucket}/corpus", f"s3://{bucket}/runs/4/shards", storage_cfg, base=f"s3://{bucket}/runs/2/shards",
             seq_len=32)
     assert not open_store(f"s3://{bucket}/runs/4/shards", storage_cfg).exists("manifest.json")
+
+
+@pytest.mark.slow
+def test_all_pieces_of_a_long_document_land_in_one_split(tmp_path):
+    """A document split into ~60 pieces: its marker word is in one split's tokens, never both
+    (by chance alone, 60 pieces at a 50 % validation share would all agree with p = 2**-59)."""
+    short = [{"id": f"s{i}", "text": f"short document number {i} about plain things " * 4} for i in range(60)]
+    long_doc = {"id": "long", "text": " ".join(f"zebraquartz{i}" for i in range(2000))}  # no two pieces alike
+    write_jsonl(tmp_path / "c" / "docs.jsonl", [*short, long_doc])
+    out = tmp_path / "out"
+    m = run(tmp_path / "c", out, validation_fraction=0.5, reader={"max_doc_chars": 400})
+    store = open_store(out)
+    tok = from_json(store.get_bytes("tokenizer.json").decode())
+    found = {split: sum(tok.decode([int(t) for t in stream]).count("zebraquartz")
+                        for stream in shard_stream(store, m, split).values())
+             for split in ("train", "validation")}
+    assert sorted(found.values())[0] == 0 and sorted(found.values())[1] >= 1800, found
