@@ -244,6 +244,21 @@ def test_nan_loss_is_skipped_then_aborts(real_shards, tmp_path):
     assert tags(out) == ["step-00000002"] and not (out / "export").exists()
 
 
+def test_a_resume_with_another_rank_count_is_refused_naming_both(real_shards, tmp_path):
+    """The data order and the global batch depend on the rank count: a resume keeps it."""
+    from lmpipe.cli import build_parser
+    from training import launcher
+
+    out = tmp_path / "run"
+    args = build_parser().parse_args(["train", "--shards", str(real_shards), "--out", str(out), *BASE])
+    launcher.prepare(launcher.config_from_args(args))  # the run folder a 2-rank run starts with, no ranks
+    step = out / "checkpoints" / "step-00000002"  # and a checkpoint those 2 ranks committed (hand-built)
+    step.mkdir(parents=True)
+    (step / "COMMITTED.json").write_text(json.dumps({"tag": step.name, "step": 2, "world_size": 2, "files": {}}))
+    rc, log = train(real_shards, out, "--nproc", "1")
+    assert rc == 2 and "step-00000002" in log and "written by 2 ranks" in log and "would start 1" in log, log
+
+
 def test_refusals_before_launch(real_shards, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -74,6 +74,7 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Path, dict, dict]:
     prec = ds_config.precision(cfg.deepspeed.precision)
     ds = ds_config.build(cfg, b, prec)  # before anything is written: a bad deepspeed.extra key stops here
     run = _open_run(cfg)
+    _check_world(run, cfg, world)
     init = _init_weights(cfg, man) if not ckpt.committed(run / "checkpoints") else None
     resolved = {"recipe": cfg.recipe, "model": cfg.model, "world_size": world, "precision": prec,
                 "batch": {"micro": b.micro, "accum": b.accum, "world": b.world, "global": b.global_size},
@@ -121,6 +122,19 @@ def _check_resume(run: Path, cfg: TrainConfig) -> None:
     if diff:
         raise LmpipeError(f"{run} holds a run with a different config ({', '.join(diff)}): "
                           "resume with the same settings, or pass --fresh to start over")
+
+
+def _check_world(run: Path, cfg: TrainConfig, world: int) -> None:
+    """A resume keeps the rank count of its newest checkpoint: the data order and the global batch
+    depend on it, so another count would silently train on a different stream."""
+    tags = ckpt.committed(run / "checkpoints")
+    if not tags:
+        return
+    was = json.loads((run / "checkpoints" / tags[-1] / ckpt.MARKER).read_text()).get("world_size")
+    if was is not None and was != world:
+        raise ConfigError(f"checkpoint {tags[-1]} of {cfg.out} was written by {was} ranks, but this resume would "
+                          f"start {world} (launch.nproc={cfg.launch.nproc} x launch.num_nodes="
+                          f"{cfg.launch.num_nodes}): resume with {was} ranks, or pass --fresh to start over")
 
 
 def _init_weights(cfg: TrainConfig, man: dict) -> dict | None:
