@@ -255,3 +255,20 @@ def test_all_pieces_of_a_long_document_land_in_one_split(tmp_path):
                         for stream in shard_stream(store, m, split).values())
              for split in ("train", "validation")}
     assert sorted(found.values())[0] == 0 and sorted(found.values())[1] >= 1800, found
+
+
+@pytest.mark.slow
+def test_a_cleared_run_with_the_same_corpus_and_config_verifies_and_keeps_the_published_set(tmp_path, demo_corpus_dir):
+    """Clearing tokenize_shard after it published: the retry checks the shards and succeeds;
+    a shard changed since is an error, and nothing is rewritten either way."""
+    m = run(demo_corpus_dir, tmp_path / "s")
+    before = (tmp_path / "s" / "manifest.json").read_bytes()
+    again = run(demo_corpus_dir, tmp_path / "s")
+    assert again["run_id"] == m["run_id"] and (tmp_path / "s" / "manifest.json").read_bytes() == before
+    shard = tmp_path / "s" / m["splits"]["train"]["shards"][0]["path"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(LmpipeError, match="does not match its sha256"):
+        run(demo_corpus_dir, tmp_path / "s")
+    assert (tmp_path / "s" / "manifest.json").read_bytes() == before
