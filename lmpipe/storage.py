@@ -267,6 +267,27 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+URI_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-/:=+@,%")
+
+
+def check_uri(uri: str, what: str) -> str:
+    """A corpus or output URI from an untrusted source (a DAG param): ``s3://``, ``file://`` or a
+    path, in letters, digits and ``._-/:=+@,%`` only, with no ``..`` segment. Such a value cannot
+    become shell syntax on any node, whatever quotes a launcher does or does not add."""
+    from lmpipe.errors import ConfigError
+
+    bad = sorted(set(uri) - URI_CHARS)
+    if bad:
+        raise ConfigError(f"{what} {uri!r} has characters a URI here may not hold: {''.join(bad)!r} "
+                          "(allowed: letters, digits and ._-/:=+@,%)")
+    scheme = urlparse(uri).scheme
+    if scheme not in ("", "s3", "file"):
+        raise ConfigError(f"{what} {uri!r}: the scheme must be s3:// or file://, or none for a path")
+    if ".." in PurePosixPath(urlparse(uri).path).parts:
+        raise ConfigError(f"{what} {uri!r} has a '..' segment")
+    return uri
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 

@@ -79,7 +79,7 @@ def af(tmp_path_factory, demo_corpus_dir):
 @pytest.fixture(scope="module")
 def first_run(af):
     root, env = af["root"], af["env"]
-    output = f"{root}/out/" + INJECT.format(canary=root / "pwned")  # a hostile path param
+    output = f"{root}/out"
     r = airflow(env, "dags", "test", "lm_pipeline", "-c", conf(af["corpus"], output), timeout=900)
     log = r.stdout + r.stderr
     (root / "first_run.log").write_text(log)
@@ -137,11 +137,17 @@ def test_every_stage_writes_its_resolved_config_and_its_outputs_point_at_it(af, 
     assert json.loads((out / "train" / "eval" / metrics["config_file"]).read_text())["shards"] == str(out / "shards")
 
 
-def test_hostile_param_value_is_never_run_by_a_shell(af, first_run):
-    assert first_run["run"]["state"] == "success"
-    assert not (af["root"] / "pwned").exists()
-    assert (af["root"] / "home" / "sentinel").is_file()
-    assert Path(first_run["output"]).is_dir()  # the value was used literally, as a folder name
+def test_hostile_param_value_is_refused_before_anything_runs(af, first_run):
+    """An output param carrying shell syntax fails the first task at once, naming the param:
+    no shell ever sees it (multi-node launchers pass arguments to remote shells)."""
+    root, env = af["root"], af["env"]
+    output = f"{root}/out2/" + INJECT.format(canary=root / "pwned")
+    r = airflow(env, "dags", "test", "lm_pipeline", "-c", conf(af["corpus"], output), timeout=600)
+    log = r.stdout + r.stderr
+    assert runs(env)[-1]["state"] == "failed", log[-3000:]
+    assert "param 'output'" in log and "characters a URI here may not hold" in log, log[-3000:]
+    assert not (root / "pwned").exists() and not (root / "out2").exists()
+    assert (root / "home" / "sentinel").is_file()
 
 
 def test_corrupt_shard_fails_check_shards_and_never_trains(af, first_run):

@@ -125,3 +125,21 @@ def test_s3_objects_carry_the_content_type_a_browser_needs(tmp_path, bucket, sto
              ("report/index.html", "shards/manifest.json", "shards/train/part-0.parquet")}
     assert types == {"report/index.html": "text/html", "shards/manifest.json": "application/json",
                      "shards/train/part-0.parquet": "application/octet-stream"}
+
+
+@pytest.mark.parametrize("uri", ["s3://b/corpus/date=2026-01-01/", "/data/out", "file:///data/x", "rel/out,v2"])
+def test_check_uri_accepts_plain_uris(uri):
+    from lmpipe.storage import check_uri
+
+    assert check_uri(uri, "param") == uri
+
+
+@pytest.mark.parametrize("uri, why", [("/x/$(touch y)", "may not hold"), ("/x/a'b", "may not hold"),
+                                      ("/x/a b", "may not hold"), ("s3://b/../c", "'..' segment"),
+                                      ("http://h/x", "scheme"), ("/x/`id`", "may not hold")])
+def test_check_uri_refuses_shell_syntax_and_escapes(uri, why):
+    from lmpipe.errors import ConfigError
+    from lmpipe.storage import check_uri
+
+    with pytest.raises(ConfigError, match=why):
+        check_uri(uri, "param 'output'")

@@ -22,7 +22,7 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 from lmpipe import settings
 from lmpipe.errors import ConfigError, ExitCode
 from lmpipe.log import log
-from lmpipe.storage import join, open_store
+from lmpipe.storage import check_uri, join, open_store
 from lmpipe_airflow.common import link, links, s3_access, s3_env, stage
 
 COMPLETED = "COMPLETED.json"  # written by the last task: this run's shards may seed the next nightly run
@@ -92,6 +92,11 @@ def plan(params: dict, run_id: str, conf: dict) -> dict:
     if unknown:
         raise AirflowFailException(f"unknown param(s) in the run's conf: {', '.join(unknown)} "
                                    f"(known: {', '.join(sorted(params))})")
+    try:
+        for key in ("corpus", "output"):
+            check_uri(params[key], f"param {key!r}")
+    except ConfigError as exc:
+        raise AirflowFailException(str(exc)) from None
     root = run_root(params["output"], run_id)
     with s3_access(root, params["corpus"]):
         base = base_shards(params["output"], run_id, params["corpus"], params["seq_len"])
