@@ -78,6 +78,8 @@ SETTINGS = {s.name: s for s in [
     Setting("AWS_SECRET_ACCESS_KEY", None, "S3 secret, set like AWS_ACCESS_KEY_ID", "runtime"),
     Setting("AWS_SESSION_TOKEN", None, "S3 session token, set like AWS_ACCESS_KEY_ID", "runtime"),
     Setting("AWS_ENDPOINT_URL", None, "S3 endpoint, set like AWS_ACCESS_KEY_ID; a Spark job passes these on to its executors", "runtime"),
+    Setting("TORCH_EXTENSIONS_DIR", None, "torch's folder for JIT-built ops (DeepSpeed's CPU ops); the train "
+            "launcher removes build locks there that a killed rank left", "runtime"),
     Setting("PATH", None, "the OS's; the DAG adds pyspark's spark-submit to it when no Spark is installed", "runtime"),
     # make demo
     Setting("DEMO_MB", "8", "size of the demo corpus in MB", "demo"),

@@ -271,3 +271,22 @@ def test_refusals_before_launch(real_shards, tmp_path):
     assert rc == 2 and "unknown config key 'model.hidden'" in log
     rc, log = train(real_shards, tmp_path / "o", "--recipe", "huge")
     assert rc == 2 and "unknown recipe 'huge'" in log
+
+
+def test_a_stale_extension_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A rank killed mid-build leaves torch's build lock behind; every later launch would wait on
+    it forever. Old locks go before a launch; a build in progress (a fresh lock) is left alone."""
+    import os
+    import time
+
+    from training.launcher import clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # torch's own setting for its build root
+    stale, fresh = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "cpu_adam" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.write_text("")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    assert clear_stale_build_locks() == [stale]
+    assert not stale.exists() and fresh.exists()

@@ -14,6 +14,7 @@ from the newest committed checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -194,23 +195,6 @@ def _remove(paths: list[Path]) -> None:
         p.unlink(missing_ok=True)
 
 
-JIT_LOCK_STALE_S = 600  # no JIT build of DeepSpeed's CPU ops takes this long
-
-
-def _clear_stale_jit_lock() -> None:
-    """torch's JIT loader serializes builds of DeepSpeed's CPU ops with a ``lock`` file; a rank
-    killed while holding it leaves it behind, and every later run waits on it forever. A lock
-    older than any build is stale: remove it, and say so."""
-    import time
-
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > JIT_LOCK_STALE_S:
-        log(f"removing a stale torch extension lock left by a killed run: {lock}", level="warning")
-        lock.unlink(missing_ok=True)
-
-
 def _launch_env(cfg: TrainConfig, mlflow_run: str | None) -> dict[str, str]:
     import torch
 
@@ -224,8 +208,32 @@ def _launch_env(cfg: TrainConfig, mlflow_run: str | None) -> dict[str, str]:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc(cfg))))
         if not cfg.launch.hostfile:
             env.setdefault("MASTER_ADDR", "127.0.0.1")
-        _clear_stale_jit_lock()
+        clear_stale_build_locks()
     return env
+
+
+BUILD_LOCK_STALE_S = 600  # a JIT build of DeepSpeed's CPU ops takes about 2 minutes on 2 cores
+
+
+def clear_stale_build_locks(max_age_s: float = BUILD_LOCK_STALE_S) -> list[Path]:
+    """Remove torch extension build locks older than ``max_age_s``. A rank killed while DeepSpeed
+    builds or loads its CPU ops leaves ``<torch_extensions>/<python>/<op>/lock`` behind, and every
+    later rank on the machine then waits for it to go, forever (torch polls for the file)."""
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(settings.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in sorted({*root.glob("*/lock"), *root.glob("*/*/lock")}):
+        with contextlib.suppress(FileNotFoundError):
+            age = time.time() - lock.stat().st_mtime
+            if age > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                log(f"removed a stale build lock {lock} ({age / 60:.0f} min old), left by a rank killed "
+                    "mid-build: the ranks would have waited on it forever", level="warning")
+    return removed
 
 
 def run(cfg: TrainConfig) -> int:
