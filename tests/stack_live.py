@@ -5,8 +5,8 @@
         st.s3.put_object(...)                              # boto3 on the stack's S3, its own keys
         st.pids()                                          # every process the stack runs
 
-Nothing here holds S3 credentials in an environment: the test talks to S3 with explicit keys
-from the stack's secrets file, and the stack is started with every ``AWS_*`` variable removed.
+The test talks to S3 with explicit keys from the stack's secrets file. The stack is started
+from the test's environment, fake ``AWS_*`` keys included: none of its services may inherit them.
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def stack_live(**settings: str) -> Iterator[LiveStack]:
     """Start the stack in a fresh home on free ports (``settings`` override), stop it afterwards."""
     home = Path(tempfile.mkdtemp(prefix="lmpipe-stack-"))
     home.chmod(0o755)  # as root, PostgreSQL runs as the postgres user, who must reach its data folder
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AIRFLOW", "MLFLOW_"))}
+    # The test's own AWS_* keys (conftest) stay in: the stack must keep them from every service.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW_"))}
     env |= {s: str(free_port()) for s in PORTS}
     env |= {"LMPIPE_HOME": str(home), "LMPIPE_NIGHTLY_CRON": "none", "DEMO_CORPUS_MB": "0",
             "SPARK_WORKER_CORES": "1", "SPARK_WORKER_MEMORY": "1g", **settings}

@@ -7,7 +7,7 @@ State, secrets and one log per service live under ``$LMPIPE_HOME/stack``::
 
     lmpipe stack up       # start what is not running yet, wait for health, print URLs and logins
     lmpipe stack status   # what runs, by pid
-    lmpipe stack down     # stop exactly what `up` started, by pid, newest first
+    lmpipe stack down     # stop exactly what `up` started, by pid: clients, then the stores
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ class Proc:
 
     name: str
     cmd: list[str]
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # the whole environment (services.clean_env)
     cwd: Path | None = None
     user: str | None = None  # run as this user (PostgreSQL refuses to run as root)
     stop_signal: int = signal.SIGTERM
@@ -91,7 +91,7 @@ def start(state: State, proc: Proc) -> psutil.Process:
         out.write(f"\n---- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(proc.cmd)}\n".encode())
         out.flush()
         try:
-            popen = subprocess.Popen(proc.cmd, env={**os.environ, **proc.env}, cwd=proc.cwd, stdout=out,
+            popen = subprocess.Popen(proc.cmd, env=proc.env or dict(os.environ), cwd=proc.cwd, stdout=out,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                      user=proc.user, group=proc.user, extra_groups=[] if proc.user else None)
         except FileNotFoundError:
