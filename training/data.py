@@ -134,7 +134,9 @@ class Loader:
         return pos, batch
 
     def close(self) -> None:
+        """Stop and join the prefetch thread, so no thread is inside torch when the process exits."""
         self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def describe(data: ShardSet, order: Order) -> str:

@@ -32,6 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     except LmpipeError as exc:
         log(f"rank {settings.get('RANK') or '?'}: {exc}", level="error")
         return ExitCode.ERROR
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's worker threads can be destroyed while still
+    joinable, and the rank then dies in ``std::terminate`` after a finished run.
+    """
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 class Trainer:
