@@ -46,7 +46,9 @@ SCHEDULE = None if NIGHTLY.strip().lower() == "none" else NIGHTLY  # "none": tri
 CHAMPION = champion_asset()
 PROMOTIONS = AssetAlias("lmpipe-promotions")  # promote emits CHAMPION through it only when it promotes
 
-DEFAULTS = {"owner": "lmpipe", "retries": 2, "retry_delay": dt.timedelta(minutes=2),
+RETRY_DELAY = dt.timedelta(seconds=int(settings.get("LMPIPE_RETRY_DELAY_S")))
+SOON = min(RETRY_DELAY, dt.timedelta(seconds=30))  # train resumes from its checkpoint; promote is idempotent
+DEFAULTS = {"owner": "lmpipe", "retries": 2, "retry_delay": RETRY_DELAY,
             "execution_timeout": dt.timedelta(hours=1)}
 TOK, TRAIN, DS, LAUNCH = TokenizeConfig(), TrainConfig(), DeepSpeedConfig(), LaunchConfig()
 KEY_VALUE = {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_.]*=.*$"}
@@ -111,7 +113,7 @@ def lm_pipeline():
         tasks.check(plan, "shards")
         return plan
 
-    @task(execution_timeout=dt.timedelta(hours=24), retry_delay=dt.timedelta(seconds=30))
+    @task(execution_timeout=dt.timedelta(hours=24), retry_delay=SOON)
     def train(plan: dict) -> dict:
         return {**plan, **tasks.train(plan)}
 
@@ -121,7 +123,7 @@ def lm_pipeline():
         return run
 
     # A registry that is briefly away is retried soon; the gate itself is idempotent.
-    @task(outlets=[PROMOTIONS], execution_timeout=dt.timedelta(minutes=30), retry_delay=dt.timedelta(seconds=30))
+    @task(outlets=[PROMOTIONS], execution_timeout=dt.timedelta(minutes=30), retry_delay=SOON)
     def promote(run: dict, params=None, outlet_events=None) -> dict:
         decision = tasks.promote(run, params)
         if decision == "promoted":

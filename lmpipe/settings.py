@@ -39,6 +39,8 @@ SETTINGS = {s.name: s for s in [
     Setting("LMPIPE_OUTPUT", None, "lm_pipeline's default output prefix (default: LMPIPE_HOME/pipeline)",
             stack="s3://lmpipe/pipeline"),
     Setting("LMPIPE_NIGHTLY_CRON", "0 2 * * *", "lm_pipeline's schedule (a cron expression; `none`: only triggered runs)"),
+    Setting("LMPIPE_RETRY_DELAY_S", "120", "seconds before Airflow retries a failed lm_pipeline task (train, evaluate "
+            "and promote retry after at most 30 s)"),
     Setting("LMPIPE_SPARK_CONN_ID", "spark_default", "Airflow connection the tokenize task submits to"),
     Setting("LMPIPE_AWS_CONN_ID", "aws_default", "Airflow aws connection with the S3/MinIO credentials"),
     Setting("LMPIPE_HOSTFILE", None, "DeepSpeed hostfile: lm_pipeline's train runs the launcher on its first host "

@@ -126,7 +126,8 @@ def stack_live(**settings: str) -> Iterator[LiveStack]:
     # The test's own AWS_* keys (conftest) stay in: the stack must keep them from every service.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW_"))}
     env |= {s: str(free_port()) for s in PORTS}
-    env |= {"LMPIPE_HOME": str(home), "LMPIPE_NIGHTLY_CRON": "none", "DEMO_CORPUS_MB": "0",
+    env |= {"LMPIPE_HOME": str(home), "LMPIPE_NIGHTLY_CRON": "none", "LMPIPE_RETRY_DELAY_S": "10",
+            "DEMO_CORPUS_MB": "0",
             "SPARK_WORKER_CORES": "1", "SPARK_WORKER_MEMORY": "1g", **settings}
     up = subprocess.run([sys.executable, "-m", "lmpipe.cli", "stack", "up"], env=env, text=True,
                         capture_output=True, timeout=600, check=False)

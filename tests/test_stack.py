@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -88,27 +89,86 @@ def upload_day(st, demo_corpus_dir: Path, day: str, lines: slice) -> None:
     st.s3.put_object(Bucket="lmpipe", Key=f"corpus/date={day}/part-0.jsonl", Body="\n".join(text).encode() + b"\n")
 
 
-def run_pipeline(st) -> tuple[str, str]:
-    """Trigger lm_pipeline over REST and wait; returns (run_id, the time it was triggered)."""
+def watch(st, run_id: str, faults, timeout: float = 1200) -> str | None:
+    """Poll a run until it ends, letting ``faults`` act on its task states; its final state."""
+    af, deadline, state = st.airflow, time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            state = af.api("GET", f"/dags/lm_pipeline/dagRuns/{run_id}").json()["state"]
+            states = af.task_states("lm_pipeline", run_id)
+        except httpx.TransportError:
+            time.sleep(1)
+            continue
+        if state in ("success", "failed"):
+            return state
+        faults.step(states)
+        time.sleep(0.3)
+    return state
+
+
+def run_pipeline(st, conf: dict, faults) -> tuple[str, str, dict]:
+    """Trigger lm_pipeline over REST and watch it with ``faults``; (run_id, when it was triggered, what the faults saw)."""
     af = st.airflow
     at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-    run = af.trigger("lm_pipeline", conf=CONF)
-    state = af.wait_run("lm_pipeline", run["dag_run_id"], timeout=900)
+    run = af.trigger("lm_pipeline", conf=conf)
+    injected = faults(st, run["dag_run_id"])
+    state = watch(st, run["dag_run_id"], injected)
     tasks = af.task_states("lm_pipeline", run["dag_run_id"])
     if state != "success":
         logs = {t: af.task_log("lm_pipeline", run["dag_run_id"], t)[-3000:] for t, s in tasks.items() if s != "success"}
-        pytest.fail(f"lm_pipeline {state}: {tasks}\n" + "\n".join(f"--- {t}\n{lg}" for t, lg in logs.items()))
+        pytest.fail(f"lm_pipeline {state}: {tasks}, faults saw {injected.seen}\n" + "\n".join(f"--- {t}\n{lg}" for t, lg in logs.items()))
     assert set(tasks.values()) == {"success"}, tasks
-    return run["dag_run_id"], at
+    return run["dag_run_id"], at, injected.seen
+
+
+# The first run checkpoints every 2 steps, slowly enough that its ranks can be killed mid-run.
+RANK_KILL = ["save_every=2", "debug.step_delay_s=1"]
+
+
+class RankKill:
+    """SIGKILL the train ranks once a checkpoint is committed on S3; while the task waits for its
+    retry, its staging folder goes, as on a fresh pod (an ``emptyDir``)."""
+
+    def __init__(self, st, run_id: str) -> None:
+        self.st, self.seen = st, {}
+        self.train = f"pipeline/runs/{safe_id(run_id)}/train/"
+
+    def ranks(self) -> list[psutil.Process]:
+        """The ranks under the stack's Celery workers (by pid, never by name)."""
+        workers = [pid for name, pid in self.st.pids().items() if name.startswith("airflow-worker")]
+        out = []
+        for p in family(workers):
+            try:
+                if "training.trainer" in p.cmdline():
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    def step(self, states: dict) -> None:
+        committed = self.train + "checkpoints/step-00000002/COMMITTED.json"
+        if "killed" not in self.seen and states.get("train") == "running" and s3_keys(self.st, "lmpipe", committed):
+            ranks = self.ranks()
+            cmd = ranks[0].cmdline() if ranks else []
+            for p in ranks:
+                p.kill()
+            psutil.wait_procs(ranks, timeout=30)
+            self.seen["killed"] = {"pids": [p.pid for p in ranks], "run_dir": cmd[cmd.index("--run-dir") + 1] if cmd else None,
+                                   "done_before": bool(s3_keys(self.st, "lmpipe", self.train + "export/"))}
+        if "killed" in self.seen and "wiped" not in self.seen and states.get("train") == "up_for_retry":
+            shutil.rmtree(self.seen["killed"]["run_dir"])
+            self.seen["wiped"] = True
 
 
 @pytest.fixture(scope="module")
 def first_run(stack, demo_corpus_dir):
+    """The first run on the stack; its train ranks are SIGKILLed after the first checkpoint."""
     upload_day(stack, demo_corpus_dir, "2026-11-20", slice(0, 90))
     for dag_id in ("lm_pipeline", "lm_serving_rollout"):
         stack.airflow.unpause(dag_id)
-    run_id, at = run_pipeline(stack)
-    return {"run_id": run_id, "at": at}
+    conf = {**CONF, "train_overrides": CONF["train_overrides"] + RANK_KILL}
+    run_id, at, seen = run_pipeline(stack, conf, RankKill)
+    return {"run_id": run_id, "at": at, "seen": seen}
 
 
 def s3_keys(st, bucket: str, prefix: str) -> set[str]:
@@ -165,6 +225,37 @@ def test_an_s3_run_on_the_stack_promotes_and_the_asset_event_rolls_it_out(stack,
         assert str(c.get("/v1/models").json()["data"][0]["version"]) == version
         r = c.post("/v1/completions", json={"model": "lmpipe", "prompt": "def ", "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
+
+
+@pytest.mark.slow
+def test_fault_train_ranks_killed_the_retry_on_a_fresh_staging_folder_resumes_from_s3(stack, first_run, tmp_path):
+    """The ranks die after a checkpoint went up; Airflow retries the task on an empty staging
+    folder, which resumes from S3 and ends with the weights of an uninterrupted run."""
+    import torch
+    from safetensors.torch import load, load_file
+
+    seen = first_run["seen"]
+    assert seen.get("killed") and seen["killed"]["pids"] and seen.get("wiped"), seen
+    assert not seen["killed"]["done_before"], "the run had finished before its ranks were killed"
+    run_id = first_run["run_id"]
+    assert "lmpipe train exited with code" in stack.airflow.task_log("lm_pipeline", run_id, "train", attempt=1)
+    retry = stack.airflow.task_log("lm_pipeline", run_id, "train", attempt=2)
+    assert "restored train_config.json" in retry and "resumed from" in retry and "pass --fresh" not in retry, retry[-3000:]
+
+    train = f"pipeline/runs/{safe_id(run_id)}/train"
+    cfg = json.loads(stack.s3.get_object(Bucket="lmpipe", Key=f"{train}/train_config.json")["Body"].read())
+    cfg |= {"out": str(tmp_path / "straight"), "work_dir": None, "debug": {}, "init_from": None,
+            "tracking": {"enabled": False}}
+    (tmp_path / "straight.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": stack.secrets["AWS_ACCESS_KEY_ID"],
+           "AWS_SECRET_ACCESS_KEY": stack.secrets["AWS_SECRET_ACCESS_KEY"], "AWS_ENDPOINT_URL": stack.url("MINIO_PORT")}
+    r = subprocess.run([sys.executable, "-m", "lmpipe.cli", "train", "--config", str(tmp_path / "straight.json")],
+                       env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr[-5000:]
+    assert "resumed from" not in r.stderr
+    straight = load_file(tmp_path / "straight" / "export" / "model.safetensors")
+    retried = load(stack.s3.get_object(Bucket="lmpipe", Key=f"{train}/export/model.safetensors")["Body"].read())
+    assert straight.keys() == retried.keys() and all(torch.equal(straight[k], retried[k]) for k in straight)
 
 
 @pytest.mark.slow
@@ -302,18 +393,8 @@ def faulted_run(stack, first_run, demo_corpus_dir):
     upload_day(stack, demo_corpus_dir, "2026-11-21", slice(90, 160))
     af = stack.airflow
     run_id = af.trigger("lm_pipeline", conf={**CONF, "margin": 0})["dag_run_id"]
-    faults, deadline, state = Faults(stack, run_id), time.monotonic() + 1200, None
-    while time.monotonic() < deadline:
-        try:
-            state = af.api("GET", f"/dags/lm_pipeline/dagRuns/{run_id}").json()["state"]
-            states = af.task_states("lm_pipeline", run_id)
-        except httpx.TransportError:
-            time.sleep(1)
-            continue
-        if state in ("success", "failed"):
-            break
-        faults.step(states)
-        time.sleep(0.3)
+    faults = Faults(stack, run_id)
+    state = watch(stack, run_id, faults)
     tasks = af.task_states("lm_pipeline", run_id)
     from registry.tracking import HISTORY_TAG
 
