@@ -35,6 +35,9 @@ class Outcome:
 def corpus_expectations(cfg) -> dict[str, list]:
     import great_expectations.expectations as gxe
 
+    bad = cfg.reader.max_bad_files
+    unreadable = "Every corpus file can be read" if bad == 0 else f"At most {bad} corpus file(s) cannot be read"
+
     return {
         "dataset": [
             gxe.ExpectColumnValuesToBeBetween(column="usable_documents", min_value=cfg.min_documents,
@@ -49,12 +52,12 @@ def corpus_expectations(cfg) -> dict[str, list]:
                                               description=f"Exact-duplicate rate at most {cfg.max_duplicate_rate:.2%}"),
             gxe.ExpectColumnValuesToBeBetween(column="skipped_fraction", max_value=cfg.max_skipped_fraction,
                                               description=f"Skipped or invalid records at most {cfg.max_skipped_fraction:.2%}"),
-            gxe.ExpectColumnValuesToBeBetween(column="unreadable_files", max_value=0,
-                                              description="Every corpus file can be read"),
+            gxe.ExpectColumnValuesToBeBetween(column="unreadable_files", max_value=cfg.reader.max_bad_files,
+                                              description=unreadable),
         ],
         "files": [
-            gxe.ExpectColumnValuesToBeInSet(column="readable", value_set=[True],
-                                            description="Every corpus file can be read"),
+            *([gxe.ExpectColumnValuesToBeInSet(column="readable", value_set=[True], description=unreadable)]
+              if cfg.reader.max_bad_files == 0 else []),
             gxe.ExpectColumnValuesToBeBetween(column="null_text_fraction", max_value=cfg.max_null_text_fraction,
                                               description="Per file: text is not null"),
             gxe.ExpectColumnValuesToBeBetween(column="skipped_fraction", max_value=cfg.max_skipped_fraction,

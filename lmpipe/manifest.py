@@ -72,6 +72,7 @@ SCHEMA = {
             "required": ["uri", "documents_read", "documents_used", "duplicates_removed", "skipped"],
             "properties": {
                 "skipped": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+                "unreadable_files": {"type": "array", "items": {"type": "string"}},
             },
         },
         "created_at": {"type": "string"},
@@ -172,6 +173,7 @@ def merge(base: Mapping[str, Any], new: dict[str, Any], base_uri: str) -> dict[s
             n[k] = n.get(k, 0) + b.get(k, 0)
     inp, binp = out["input"], base["input"]
     inp["file_list"] = binp["file_list"] + inp["file_list"]
+    inp["unreadable_files"] = binp.get("unreadable_files", []) + inp.get("unreadable_files", [])
     for k in ("documents_read", "duplicates_removed"):
         inp[k] += binp[k]
     inp["documents_used"] = sum(out["splits"][s]["documents"] for s in SPLITS)

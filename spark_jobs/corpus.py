@@ -1,7 +1,9 @@
 """Read corpus files (JSONL, plain text, Parquet; plain, gzip or zstd) into documents.
 
 Bad records never raise: each comes out as a ``Record`` with a ``reason`` so the
-caller can count it. Only a file that cannot be read at all raises, naming the file.
+caller can count it. Only a file that cannot be read at all raises, naming the file;
+:func:`read_segments` turns that into one ``unreadable_file`` record for the caller to
+quarantine.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ SKIP_REASONS = (
     "empty_text",
     "text_not_string",
     "too_long",
+    "invalid_unicode",  # lone or reversed surrogates (JSON \\ud800 escapes): not encodable as UTF-8
+    "nul_character",  # a NUL (U+0000) in the text: binary data, not a document
+    "nested_too_deep",  # JSON nested deeper than the parser's recursion limit
+    "line_too_long",  # a line over reader.max_line_mb, never held in memory whole
+    "unreadable_file",  # a file that cannot be read at all (counted per file, listed in the manifest)
 )
 
 
@@ -43,6 +50,10 @@ class CorpusConfig:
     # Documents longer than this many characters are split into pieces, capped, or skipped.
     max_doc_chars: int = 1_000_000
     long_doc_policy: Literal["split", "cap", "skip"] = "split"  # split long documents into pieces, cap them, or skip them
+    max_line_mb: int = 64  # a JSONL line longer than this is skipped (line_too_long) without being held in memory
+    # Files that cannot be read at all (corrupt gzip/zstd/Parquet) are quarantined up to this
+    # many: counted, listed in the manifest and left out. One more fails the run, with no manifest.
+    max_bad_files: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,7 @@ class Record:
     text: str | None
     reason: str | None = None  # set when the record is skipped
     source_id: str | None = None  # a piece of a long document: that document's id
+    error: str | None = None  # an unreadable_file record: why the file cannot be read
 
     @property
     def split_key(self) -> str:
@@ -118,6 +130,8 @@ def _decompressed(raw, compression: str | None):
 
 
 def _finish(doc_id: str, text, cfg: CorpusConfig) -> Iterator[Record]:
+    if not doc_id.isascii():  # an id from JSON may hold lone surrogates too: keep it printable
+        doc_id = doc_id.encode("utf-8", "backslashreplace").decode("utf-8")
     if text is None:
         yield Record(doc_id, None, "null_text")
         return
@@ -126,6 +140,15 @@ def _finish(doc_id: str, text, cfg: CorpusConfig) -> Iterator[Record]:
         return
     if not text.strip():
         yield Record(doc_id, None, "empty_text")
+        return
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            yield Record(doc_id, None, "invalid_unicode")
+            return
+    if "\x00" in text:
+        yield Record(doc_id, None, "nul_character")
         return
     if len(text) <= cfg.max_doc_chars:
         yield Record(doc_id, text)
@@ -138,42 +161,62 @@ def _finish(doc_id: str, text, cfg: CorpusConfig) -> Iterator[Record]:
             yield Record(f"{doc_id}#{i // cfg.max_doc_chars}", text[i : i + cfg.max_doc_chars], source_id=doc_id)
 
 
-def _lines(stream, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """Lines (with their b"\\n") from any stream with ``read(n)``: files, gzip, zstd, S3 bodies."""
-    buf = b""
+def _lines(stream, max_bytes: int, chunk: int = 1 << 20) -> Iterator[tuple[bytes | None, int]]:
+    """(line with its b"\\n", its length in bytes) from any stream with ``read(n)``: files, gzip,
+    zstd, S3 bodies. A line longer than ``max_bytes`` comes out as ``(None, length)``; at most
+    ``max_bytes`` plus one chunk of it is ever held in memory."""
+    buf, dropped = b"", -1  # dropped >= 0: the bytes of an over-long line discarded so far
     while block := stream.read(chunk):
-        buf += block
-        if b"\n" not in block:
-            continue
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            yield line + b"\n"
-    if buf:
-        yield buf
+        start = 0
+        while (nl := block.find(b"\n", start)) >= 0:
+            piece, start = block[start : nl + 1], nl + 1
+            if dropped >= 0:
+                yield None, dropped + len(piece)
+                dropped = -1
+                continue
+            line, buf = buf + piece, b""
+            yield (line, len(line)) if len(line) <= max_bytes else (None, len(line))
+        rest = block[start:]
+        if dropped >= 0:
+            dropped += len(rest)
+        elif len(buf) + len(rest) > max_bytes:
+            buf, dropped = b"", len(buf) + len(rest)
+        else:
+            buf += rest
+    if dropped >= 0:
+        yield None, dropped
+    elif buf:
+        yield (buf, len(buf)) if len(buf) <= max_bytes else (None, len(buf))
 
 
 def _jsonl(stream, key: str, cfg: CorpusConfig, start: int = 0, end: int | None = None) -> Iterator[Record]:
     """Records whose line starts in [start, end). ``stream`` is positioned at ``max(start - 1, 0)``:
     a split that does not begin the file skips the line that began in the previous split."""
-    reader = _lines(stream)
+    reader = _lines(stream, cfg.max_line_mb << 20)
     pos = 0
     if start > 0:
-        pos = start - 1 + len(next(reader, b""))
-    for raw in reader:
+        pos = start - 1 + next(reader, (b"", 0))[1]
+    for raw, length in reader:
         if end is not None and pos >= end:
             break
-        offset, pos = pos, pos + len(raw)
+        offset, pos = pos, pos + length
         fallback_id = f"{key}@{offset}"
+        if raw is None:
+            yield Record(fallback_id, None, "line_too_long")
+            continue
         if not raw.strip():
             continue
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8").removeprefix("\ufeff")  # a BOM (first line of a file saved by Windows tools)
         except UnicodeDecodeError:
             yield Record(fallback_id, None, "invalid_utf8")
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
+        except RecursionError:
+            yield Record(fallback_id, None, "nested_too_deep")
+            continue
+        except ValueError:  # JSONDecodeError, and integers past Python's digit limit
             yield Record(fallback_id, None, "unparseable_json")
             continue
         if not isinstance(obj, dict):
@@ -186,7 +229,7 @@ def _jsonl(stream, key: str, cfg: CorpusConfig, start: int = 0, end: int | None 
 def _text(stream, key: str, cfg: CorpusConfig) -> Iterator[Record]:
     data = stream.read()
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         yield Record(key, None, "invalid_utf8")
         return
@@ -276,6 +319,17 @@ def read_file(store: Store, key: str, cfg: CorpusConfig, start: int = 0, end: in
         if type(exc).__module__.startswith(("zstandard", "pyarrow")):
             raise CorpusError(f"corpus file {where} cannot be read: {type(exc).__name__}: {exc}") from exc
         raise
+
+
+def read_segments(store: Store, segments, cfg: CorpusConfig) -> Iterator[Record]:
+    """Every record of (key, start, end) segments, in order. A file that cannot be read ends its
+    segment with one ``unreadable_file`` record (``doc_id`` its key, ``error`` why): the caller
+    quarantines it or fails. Records read before the error are kept."""
+    for key, start, end in segments:
+        try:
+            yield from read_file(store, key, cfg, start, end)
+        except CorpusError as exc:
+            yield Record(key, None, "unreadable_file", error=str(exc))
 
 
 def text_hash(text: str) -> bytes:

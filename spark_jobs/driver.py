@@ -62,14 +62,15 @@ def run(cfg: TokenizeConfig) -> dict:
         rows, spark_info = _spark_pack(cfg, cstore, todo, tok.to_str(), tok_info, spark_future.result(),
                                        manifest.read_parts(base_m) if base_m else 0)
     stats = _stats(rows)
+    listing = {"uri": cfg.corpus, "files": len(files), "new_files": len(todo), "bytes": total_bytes,
+               "ignored_files": ignored, "file_list": [{"key": o.key, "size": o.size} for o in todo],
+               "unreadable_files": _quarantine(cfg, rows, stats)}
     if todo and stats["train.documents"] + stats["validation.documents"] == 0:
         skipped = {k.split(".", 1)[1]: v for k, v in sorted(stats.items()) if k.startswith("skipped.")}
         raise CorpusError(f"corpus {cfg.corpus} has zero usable documents"
                           f"{' in its new files' if base_m else ''}: skipped {skipped or 'none'}")
     if base_m:
         _copy_base(base_store, base_m, out)
-    listing = {"uri": cfg.corpus, "files": len(files), "new_files": len(todo), "bytes": total_bytes,
-               "ignored_files": ignored, "file_list": [{"key": o.key, "size": o.size} for o in todo]}
     shards = [r for r in rows if r["kind"] == "shard"]
     m = manifest.build(seq_len=cfg.seq_len, tokenizer=tok_info, shards=shards, stats=stats, input=listing,
                        run_id=cfg.run_id, elapsed_s=time.monotonic() - t0, spark=spark_info,
@@ -130,7 +131,7 @@ def _tokenizer(cfg: TokenizeConfig, store, files):
     def sample():
         used = 0
         for obj in ordered:
-            for rec in corpus.read_file(store, obj.key, cfg.reader):
+            for rec in corpus.read_segments(store, [(obj.key, 0, -1)], cfg.reader):
                 if rec.text is None:
                     continue
                 yield rec.text
@@ -210,6 +211,25 @@ def _copy_base(base_store, base_m: dict, out) -> None:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda k: copy_object(base_store, k, out), keys))
     log(f"merged {len(keys)} shards of the base shard set {base_store.uri} in {time.monotonic() - t0:.1f}s")
+
+
+def _quarantine(cfg: TokenizeConfig, rows, stats: Counter) -> list[str]:
+    """The corpus files no task could read: quarantined (counted and listed) up to
+    ``reader.max_bad_files``; past it the run fails here, before any manifest exists."""
+    bad = {}
+    for r in rows:
+        if r["kind"] == "stats" and r["path"]:
+            bad.update(json.loads(r["path"]))
+    limit = cfg.reader.max_bad_files
+    if len(bad) > limit:
+        shown = "; ".join(bad[k] for k in sorted(bad)[:3])
+        raise CorpusError(f"{len(bad)} corpus file(s) cannot be read, more than reader.max_bad_files={limit} "
+                          f"(raise it to quarantine them): {shown}")
+    if bad:
+        stats["skipped.unreadable_file"] = len(bad)
+        log(f"quarantined {len(bad)} unreadable corpus file(s) (reader.max_bad_files={limit}): {sorted(bad)[:3]}",
+            level="warning")
+    return sorted(bad)
 
 
 def _stats(rows) -> Counter:

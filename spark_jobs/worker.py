@@ -3,7 +3,8 @@
 Each read task (a list of corpus file segments, planned by the driver and broadcast) is
 addressed by its index, a row of ``spark.range``. Stage 1 hashes its documents for exact
 dedup; stage 2 reads them again, drops duplicates, tokenizes in Arrow batches, packs, and
-writes and uploads its own shards, returning one row per shard plus one stats row.
+writes and uploads its own shards, returning one row per shard plus one stats row (whose
+``path`` holds the files of the task that could not be read, with why).
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ RESULT_DDL = "kind string, split string, path string, sequences long, tokens lon
 
 def _records(store, segments, reader: CorpusConfig):
     """Every record of one read task, in a fixed order (so stage 1's indexes match stage 2's)."""
-    for key, start, end in segments:
-        yield from corpus.read_file(store, key, reader, start, end)
+    return corpus.read_segments(store, segments, reader)
 
 
 def _tasks(batches, plan):
@@ -90,7 +90,7 @@ def _pack_task(cfg, tok, src, out, segments, part: int, dropped: set, eos_id: in
     dtype, eos = manifest.token_dtype(vocab_size), np.array([eos_id], dtype=np.uint32)
     packers = {s: Packer(s, part, cfg.seq_len, dtype, cfg.shard_sequences, lambda tmp, rel: out.put_file(rel, tmp),
                          cfg.compression, eos_id) for s in manifest.SPLITS}
-    stats, encode_s = Counter(), 0.0
+    stats, encode_s, unreadable = Counter(), 0.0, {}
 
     def encode(texts, splits):
         nonlocal encode_s
@@ -102,6 +102,9 @@ def _pack_task(cfg, tok, src, out, segments, part: int, dropped: set, eos_id: in
 
     texts, splits = [], []
     for i, rec in enumerate(_records(src, segments, cfg.reader)):
+        if rec.reason == "unreadable_file":  # counted per file by the driver, which decides
+            unreadable[rec.doc_id] = rec.error
+            continue
         stats["documents_read"] += 1
         if rec.reason is not None:
             stats["skipped." + rec.reason] += 1
@@ -128,5 +131,5 @@ def _pack_task(cfg, tok, src, out, segments, part: int, dropped: set, eos_id: in
         for k in manifest.SPLIT_COUNTS:
             stats[f"{split}.{k}"] += getattr(packer, k)
     stats["seconds.encode"] = round(encode_s, 3)
-    row(kind="stats", stats=json.dumps(dict(stats)))
+    row(kind="stats", stats=json.dumps(dict(stats)), path=json.dumps(unreadable))
     return pa.RecordBatch.from_pydict(rows, schema=RESULT_SCHEMA)

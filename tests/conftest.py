@@ -100,3 +100,36 @@ def _stop_spark_at_exit():
         active = SparkSession.getActiveSession()
         if active is not None:
             active.stop()
+
+
+# The hostile records, as raw JSONL lines, by the reason each must be counted under. The
+# expected counts are these lists' lengths: nothing here calls the reader.
+HOSTILE_LINES = {
+    "invalid_unicode": [rb'{"id": "s1", "text": "lone \ud800 high"}', rb'{"id": "s2", "text": "lone \udfff low"}',
+                        rb'{"id": "s3", "text": "reversed \udc00\ud800 pair"}'],
+    "nul_character": [rb'{"id": "z1", "text": "a\u0000b"}', b'{"id": "z2", "text": "tail\\u0000"}'],
+    "text_not_string": [b'{"id": "w1", "text": ["a", "list"]}', b'{"id": "w2", "text": {"a": 1}}',
+                        b'{"id": "w3", "text": true}'],
+    "not_an_object": [b'"just a string"', b"12345"],
+    "unparseable_json": [b'{"id": "t1", "text": "truncated', b'{"id": "t2", "n": ' + b"9" * 5000 + b"}"],
+    "nested_too_deep": [b'{"id": "d1", "text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"],
+    "invalid_utf8": [b'{"id": "u1", "text": "\xc3\x28 bad byte"}'],
+    "line_too_long": [b'{"id": "l1", "text": "' + b"x" * (3 << 20) + b'"}'],  # over max_line_mb=2
+}
+HOSTILE_READER = {"max_line_mb": 2, "max_bad_files": 1}
+
+
+def write_hostile_corpus(root: Path, good: int = 40) -> dict:
+    """A corpus folder of good documents with every hostile record among them, one file with a
+    BOM (readable), and one corrupt gzip file (unreadable). Returns what a reader must find."""
+    root.mkdir(parents=True, exist_ok=True)
+    docs = [json.dumps({"id": f"g{i}", "text": f"good document {i} about rivers and hills " * 12}).encode()
+            for i in range(good)]
+    hostile = [line for lines in HOSTILE_LINES.values() for line in lines]
+    mixed = [x for pair in zip(docs, hostile + [b""] * len(docs)) for x in pair if x]  # interleaved
+    (root / "a-mixed.jsonl").write_bytes(b"\n".join(mixed) + b"\n")
+    bom = json.dumps({"id": "bom", "text": "a document saved with a byte order mark " * 12}).encode()
+    (root / "b-bom.jsonl").write_bytes(b"\xef\xbb\xbf" + bom + b"\n")
+    (root / "c-broken.jsonl.gz").write_bytes(b"this is not gzip data\n" * 50)  # unreadable from its first byte
+    return {"skipped": {k: len(v) for k, v in HOSTILE_LINES.items()} | {"unreadable_file": 1},
+            "used": good + 1, "unreadable": ["c-broken.jsonl.gz"]}

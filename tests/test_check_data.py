@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_jsonl
+from conftest import HOSTILE_READER, write_hostile_corpus, write_jsonl
 from data_checks import check_data
 from lmpipe import config, manifest
 from lmpipe.manifest import read_shard, write_shard
@@ -241,6 +241,17 @@ def test_corpus_suite_names_bad_files(tmp_path):
     assert {o["file"] for o in f["null_text_fraction"] if "file" in o} == {"bad.jsonl"}
     assert "duplicate_rate" in f and "unreadable_files" in f
     assert_corpus_report(result)
+
+
+def test_the_corpus_gate_allows_as_many_unreadable_files_as_tokenize_quarantines(tmp_path):
+    write_hostile_corpus(tmp_path / "c")
+    loose = {"max_skipped_fraction": 1.0, "max_out_of_bounds_fraction": 1.0}
+    allowed = check(corpus=str(tmp_path / "c"), reader=HOSTILE_READER, results=str(tmp_path / "r1"), **loose)
+    assert allowed["success"], allowed["failed"]
+    assert allowed["tables"]["dataset"][0]["unreadable_files"] == 1
+    strict = check(corpus=str(tmp_path / "c"), reader={**HOSTILE_READER, "max_bad_files": 0},
+                   results=str(tmp_path / "r2"), **loose)
+    assert {o["file"] for o in failed(strict)["readable"]} == {"c-broken.jsonl.gz"} and "unreadable_files" in failed(strict)
 
 
 def test_missing_corpus_fails_the_gate_with_a_report(tmp_path):

@@ -6,7 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from conftest import write_jsonl
+from collections import Counter
+
+from conftest import HOSTILE_READER, write_hostile_corpus, write_jsonl
 from spark_jobs import corpus
 from spark_jobs.corpus import CorpusConfig
 from lmpipe.errors import CorpusError
@@ -126,3 +128,29 @@ def test_split_is_deterministic_and_near_the_fraction():
     a = [corpus.split_of(i, 0.1) for i in ids]
     assert a == [corpus.split_of(i, 0.1) for i in ids]
     assert 0.09 < a.count("validation") / len(a) < 0.11
+
+
+def test_hostile_records_are_counted_under_named_reasons_and_never_raise(tmp_path):
+    expected = write_hostile_corpus(tmp_path / "c")
+    store, files, _ = corpus.resolve(str(tmp_path / "c"))
+    cfg = CorpusConfig(**HOSTILE_READER)
+    records = list(corpus.read_segments(store, [(f.key, 0, -1) for f in files], cfg))
+    assert Counter(r.reason for r in records if r.reason) == expected["skipped"]
+    assert sum(r.reason is None for r in records) == expected["used"]
+    assert all(r.text.encode("utf-8") for r in records if r.text is not None)  # every usable text is valid UTF-8
+    bom = next(r for r in records if r.doc_id == "bom")
+    assert not bom.text.startswith("\ufeff")
+    (bad,) = [r for r in records if r.reason == "unreadable_file"]
+    assert bad.doc_id == "c-broken.jsonl.gz" and "cannot be read" in bad.error
+
+
+def test_an_over_long_line_is_skipped_and_byte_ranges_still_cover_every_record_once(tmp_path):
+    docs = [json.dumps({"id": f"d{i}", "text": "y" * 50}).encode() for i in range(2000)]
+    long_line = json.dumps({"id": "huge", "text": "x" * (5 << 20)}).encode()
+    (tmp_path / "f.jsonl").write_bytes(b"\n".join(docs[:1000] + [long_line] + docs[1000:]) + b"\n")
+    store, files, _ = corpus.resolve(str(tmp_path))
+    cfg = CorpusConfig(max_line_mb=1)
+    for task_bytes in (len(long_line) * 10, 1 << 20, 300_000):  # the long line whole, cut in 6, and in 18
+        got = [r for t in corpus.plan_tasks(files, task_bytes) for r in corpus.read_segments(store, t, cfg)]
+        assert [r.doc_id for r in got if r.reason is None] == [f"d{i}" for i in range(2000)], task_bytes
+        assert [r.reason for r in got if r.reason] == ["line_too_long"], task_bytes

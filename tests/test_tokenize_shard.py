@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_jsonl
+from conftest import HOSTILE_READER, write_hostile_corpus, write_jsonl
 from lmpipe import config, manifest
 from lmpipe.errors import CorpusError, LmpipeError, ManifestError
 from lmpipe.manifest import read_shard
@@ -115,6 +115,25 @@ def test_bad_records_are_counted_in_the_manifest(tmp_path):
     assert m["input"]["skipped"] == {"invalid_utf8": 1, "unparseable_json": 1, "null_text": 1, "empty_text": 1}
     assert m["input"]["duplicates_removed"] == 2
     assert (m["input"]["documents_read"], m["input"]["documents_used"]) == (46, 40)
+
+
+def test_a_hostile_corpus_tokenizes_with_every_bad_record_counted(tmp_path):
+    expected = write_hostile_corpus(tmp_path / "c")
+    m = run(tmp_path / "c", tmp_path / "out", reader=HOSTILE_READER, **{"tokenizer": {"vocab_size": 300}, "seq_len": 16})
+    assert m["input"]["skipped"] == expected["skipped"]
+    assert m["input"]["documents_used"] == expected["used"]
+    assert m["input"]["unreadable_files"] == expected["unreadable"]
+    assert manifest.read(open_store(tmp_path / "out"))["input"]["unreadable_files"] == expected["unreadable"]
+    assert m["splits"]["train"]["sequences"] > 0
+
+
+def test_unreadable_files_past_max_bad_files_fail_the_run_naming_them_with_no_manifest(tmp_path):
+    write_hostile_corpus(tmp_path / "c")
+    (tmp_path / "c" / "d-broken.parquet").write_bytes(b"PAR1 not parquet")
+    with pytest.raises(CorpusError, match=r"2 corpus file\(s\) cannot be read, more than reader.max_bad_files=1.*"
+                                          r"c-broken\.jsonl\.gz.*d-broken\.parquet"):
+        run(tmp_path / "c", tmp_path / "out", reader=HOSTILE_READER, **{"tokenizer": {"vocab_size": 300}, "seq_len": 16})
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_missing_or_unusable_corpus_is_an_error_and_writes_no_manifest(tmp_path):
