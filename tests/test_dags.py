@@ -5,6 +5,7 @@ refused and a metadata DB that cannot be opened: a DAG file that touched either 
 """
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -172,3 +173,43 @@ def test_train_runs_on_the_hostfiles_head_node_with_every_argument_quoted(tmp_pa
     cmd = common.stage_command(args, "gpu-0")
     assert cmd[:5] == ["ssh", "-tt", "-o", "BatchMode=yes", "gpu-0"]
     assert shlex.split(cmd[5]) == ["python", "-m", "lmpipe.cli", *args]  # what the remote shell runs, verbatim
+
+
+PLAN_PARAMS = {"corpus": "/data/corpus", "output": "/data/out", "recipe": "tiny", "vocab_size": 400, "seq_len": 64,
+               "zero_stage": 2, "nproc": 2, "nodes": 1, "max_steps": 10, "warm_start": False, "margin": 0.01,
+               **{f"{s}_overrides": [] for s in ("tokenize", "check", "train", "evaluate", "promote")}}
+
+
+@pytest.mark.parametrize("section,item", [
+    ("train", "work_dir=/etc"), ("train", "fresh=true"), ("train", "tracking.uri=http://elsewhere:5000"),
+    ("train", "storage.endpoint_url=http://elsewhere:9000"), ("train", "launch.hostfile=/tmp/hosts"),
+    ("train", "launch.nproc=512"), ("train", "deepspeed.extra.tensorboard.output_path=/etc"),
+    ("train", "init_from=s3://elsewhere/model"), ("train", "out=/tmp/x"),
+    ("tokenize", "spark_conf.spark.driver.extraJavaOptions=-Dx=y"), ("tokenize", "overwrite=true"),
+    ("tokenize", "tokenizer.path=/etc/passwd"), ("tokenize", "spark_master=local[64]"),
+    ("check", "results=/tmp/r"), ("evaluate", "tracking.uri=http://elsewhere"), ("promote", "rollback=true"),
+])
+def test_an_override_outside_the_allowlist_is_refused_naming_the_key(tmp_path, monkeypatch, section, item):
+    from lmpipe.errors import ConfigError
+    from lmpipe_airflow import lm_pipeline as tasks
+
+    monkeypatch.delenv("LMPIPE_HOSTFILE", raising=False)
+    key = item.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{section}_overrides: '{re.escape(key)}' cannot be set from a triggered run"):
+        tasks.run_config({**PLAN_PARAMS, f"{section}_overrides": [item]}, str(tmp_path / "run"), None)
+
+
+def test_allowed_overrides_reach_the_run_config_and_every_allowed_key_is_documented(tmp_path, monkeypatch):
+    from lmpipe_airflow import lm_pipeline as tasks
+
+    monkeypatch.delenv("LMPIPE_HOSTFILE", raising=False)
+    run = tasks.run_config({**PLAN_PARAMS, "train_overrides": ["optim.lr=0.002", "debug.step_delay_s=0.5",
+                                                               "deepspeed.zero_stage=3"],
+                            "tokenize_overrides": ["reader.text_field=body", "tokenizer.vocab_size=512"],
+                            "promote_overrides": ["report=false"]}, str(tmp_path / "run"), None)
+    assert (run["train"].optim.lr, run["train"].debug.step_delay_s, run["train"].deepspeed.zero_stage) == (0.002, 0.5, 3)
+    assert (run["tokenize"].reader.text_field, run["tokenize"].tokenizer.vocab_size, run["promote"].report) == \
+        ("body", 512, False)
+    doc = (REPO / "docs" / "airflow.md").read_text()
+    for section, keys in tasks.OVERRIDABLE.items():
+        assert all(f"`{k}`" in doc for k in keys), section

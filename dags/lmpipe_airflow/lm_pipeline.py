@@ -49,6 +49,39 @@ def default_output() -> str:
 
 # ---------------------------------------------------------------- the run config
 
+# The keys a triggered run may set through the ``*_overrides`` params ("x.*": every key under x).
+# Paths, credentials' destinations (``storage.*``, ``tracking.*``), Spark and launcher settings,
+# ``fresh``/``overwrite``/``work_dir`` and raw DeepSpeed config stay with the DAG and the deployment:
+# anyone who can trigger a run could otherwise delete folders or send the keys elsewhere.
+OVERRIDABLE = {
+    "tokenize": ("validation_fraction", "partition_mb", "shard_sequences", "compression", "dedup", "reader.*",
+                 "tokenizer.vocab_size", "tokenizer.eos_token", "tokenizer.special_tokens", "tokenizer.min_frequency",
+                 "tokenizer.train_sample_mb"),
+    "check": ("min_documents", "min_doc_chars", "max_doc_chars", "max_out_of_bounds_fraction", "max_null_text_fraction",
+              "max_duplicate_rate", "max_skipped_fraction", "min_validation_sequences", "eos_rate_tolerance", "workers",
+              "reader.*"),
+    "train": ("model.*", "micro_batch_size", "grad_accum", "global_batch_size", "max_steps", "seed", "save_every",
+              "keep_checkpoints", "log_every", "nan_abort_after", "prefetch", "optim.*", "deepspeed.zero_stage",
+              "deepspeed.offload_optimizer", "deepspeed.offload_params", "deepspeed.precision",
+              "deepspeed.activation_checkpointing", "debug.*"),
+    "evaluate": ("batch_size", "max_sequences", "sample_tokens", "compare_champion", "seed"),
+    "promote": ("margin", "report"),
+}
+
+
+def overridable(section: str, key: str) -> bool:
+    return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in OVERRIDABLE[section])
+
+
+def check_overrides(overrides: dict[str, list[str]]) -> None:
+    """Refuse an override of a key outside :data:`OVERRIDABLE`, naming it and what is allowed."""
+    for section, items in overrides.items():
+        for item in items or []:
+            key = item.split("=", 1)[0].strip()
+            if not overridable(section, key):
+                raise ConfigError(f"{section}_overrides: {key!r} cannot be set from a triggered run "
+                                  f"(allowed: {', '.join(OVERRIDABLE[section])})")
+
 
 def run_config(params: dict, root: str, base: str | None) -> dict:
     """The run's resolved config: the params placed in their sections, each stage's defaults,
@@ -73,6 +106,7 @@ def run_config(params: dict, root: str, base: str | None) -> dict:
     if params["warm_start"]:
         data["train"]["init_missing"] = "scratch"  # from scratch while there is no champion
     overrides = {name: params[f"{name}_overrides"] for name in SECTIONS}
+    check_overrides(overrides)
     try:
         run = runconfig.resolve(data, overrides)
     except ConfigError as exc:
