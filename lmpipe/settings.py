@@ -42,12 +42,16 @@ SETTINGS = {s.name: s for s in [
     Setting("LMPIPE_RETRY_DELAY_S", "120", "seconds before Airflow retries a failed lm_pipeline task (train, evaluate "
             "and promote retry after at most 30 s)"),
     Setting("LMPIPE_SPARK_CONN_ID", "spark_default", "Airflow connection the tokenize task submits to"),
+    Setting("LMPIPE_CHECKPOINT_CONN_ID", "lmpipe_checkpoint", "Airflow connection whose password is the checkpoint "
+            "signing key the train task hands its trainers (LMPIPE_CHECKPOINT_KEY)"),
     Setting("LMPIPE_AWS_CONN_ID", "aws_default", "Airflow aws connection with the S3/MinIO credentials"),
     Setting("LMPIPE_HOSTFILE", None, "DeepSpeed hostfile: lm_pipeline's train runs the launcher on its first host "
             "over ssh, which starts ranks on `nodes` hosts"),
     Setting("LMPIPE_SERVE_URL", "http://127.0.0.1:8000", "base URL of the serving job (lm_serving_rollout)"),
     Setting("LMPIPE_MLFLOW_UI", "http://127.0.0.1:5000", "MLflow UI address printed in task logs (when the tracking URI is not http)"),
     Setting("LMPIPE_API_KEY", None, "API key the serving job requires, and clients send"),
+    Setting("LMPIPE_CHECKPOINT_KEY", None, "secret that signs and verifies checkpoint markers; every trainer of a run "
+            "needs the same one (default: a key made once in LMPIPE_HOME/checkpoint.key)"),
     Setting("LMPIPE_SPARK_LOG_LEVEL", "WARN", "Spark log level in lmpipe's Spark jobs"),
     Setting("LMPIPE_PROGRESS_S", "5", "seconds between progress lines of long Spark stages"),
     # the production topology: make stack and docker/compose.yaml

@@ -1,7 +1,9 @@
 """DeepSpeed training on CPU ranks over gloo: real launcher, real ranks, real checkpoints."""
 
+import hashlib
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -226,6 +228,36 @@ def test_missing_marker_stale_latest_and_corrupt_checkpoint(real_shards, tmp_pat
     assert rc != 0
     assert "is corrupt" in log and victim.name in log
     assert tags(out)[-1] == "step-00000008"  # nothing newer was written
+
+    # Someone with write access to the run plants a pickle that would run code when DeepSpeed loads
+    # it, and rewrites the marker's digests to match; without the trainers' key it cannot sign it.
+    sentinel = tmp_path / "pwned"
+    victim.write_bytes(pickle.dumps(Planted(str(sentinel))))
+    marker_path = out / "checkpoints" / "step-00000008" / "COMMITTED.json"
+    marker = json.loads(marker_path.read_text())
+    marker["files"][victim.relative_to(marker_path.parent).as_posix()] = hashlib.sha256(victim.read_bytes()).hexdigest()
+    del marker["signature"]
+    marker_path.write_text(json.dumps(marker))
+    rc, log = train(real_shards, out, "--zero-stage", "2", "max_steps=10", "save_every=2")
+    assert rc != 0 and "COMMITTED.json is unsigned" in log, log[-3000:]
+    assert not sentinel.exists(), "the planted checkpoint file was unpickled"
+    assert Planted.runs_on_load(sentinel)  # the oracle: loading that file does run its code
+
+
+class Planted:
+    """A pickle that creates a file when it is loaded."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path(self.path).touch, ())
+
+    @staticmethod
+    def runs_on_load(sentinel: Path) -> bool:
+        other = sentinel.with_name("oracle")
+        pickle.loads(pickle.dumps(Planted(str(other))))
+        return other.exists()
 
 
 @pytest.mark.slow

@@ -198,7 +198,10 @@ def _remove(paths: list[Path]) -> None:
 def _launch_env(cfg: TrainConfig, mlflow_run: str | None) -> dict[str, str]:
     import torch
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    from training import checkpoint as ckpt
+
+    # The ranks get the checkpoint key in their environment (never on a command line).
+    env = dict(os.environ, PYTHONUNBUFFERED="1", LMPIPE_CHECKPOINT_KEY=ckpt.signing_key().decode())
     if mlflow_run:
         from registry import tracking
 

@@ -50,6 +50,24 @@ def s3_access(*uris: str) -> Iterator[None]:
         yield
 
 
+def checkpoint_env() -> dict[str, str]:
+    """The checkpoint signing key (``LMPIPE_CHECKPOINT_KEY``) from the password of the Airflow
+    connection ``LMPIPE_CHECKPOINT_CONN_ID``, for the train stage's environment only; masked in
+    logs. Without that connection the trainers use their own (see training/checkpoint.py)."""
+    from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowNotFoundException
+    from airflow.sdk.log import mask_secret
+
+    try:
+        key = Connection.get(settings.get("LMPIPE_CHECKPOINT_CONN_ID")).password
+    except AirflowNotFoundException:
+        return {}
+    if not key:
+        return {}
+    mask_secret(key)
+    return {"LMPIPE_CHECKPOINT_KEY": key}
+
+
 def aws_env(conn_id: str) -> dict[str, str]:
     """S3 credentials from the Airflow aws connection, as environment for a stage process.
 

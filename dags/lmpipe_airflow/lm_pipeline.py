@@ -23,7 +23,7 @@ from lmpipe import settings
 from lmpipe.errors import ConfigError, ExitCode
 from lmpipe.log import log
 from lmpipe.storage import check_uri, join, open_store
-from lmpipe_airflow.common import link, links, s3_access, s3_env, stage
+from lmpipe_airflow.common import checkpoint_env, link, links, s3_access, s3_env, stage
 
 COMPLETED = "COMPLETED.json"  # written by the last task: this run's shards may seed the next nightly run
 RUN_CONFIG = "run_config.yaml"
@@ -216,7 +216,8 @@ def train(plan: dict) -> dict:
     """``lmpipe train``: with a hostfile, the launcher runs on its first node (so precision and
     devices are the GPU nodes'), which starts the ranks on every node; without one, here."""
     hostfile = plan["hostfile"]
-    stage(["train", "--config", plan["config"]], s3_env(plan["root"]), host=head_node(hostfile) if hostfile else None)
+    env = {**s3_env(plan["root"]), **checkpoint_env()}
+    stage(["train", "--config", plan["config"]], env, host=head_node(hostfile) if hostfile else None)
     with s3_access(plan["root"]):
         return train_links(plan["train"])
 

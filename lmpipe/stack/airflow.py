@@ -59,12 +59,16 @@ def airflow_env(root: Path, sec: dict) -> dict[str, str]:
 
 
 def connections(sec: dict) -> dict:
-    """``aws_default`` (the S3 endpoint and its keys) and ``spark_default`` (the standalone master)."""
+    """``aws_default`` (the S3 endpoint and its keys), ``spark_default`` (the standalone master) and
+    ``lmpipe_checkpoint`` (the checkpoint signing key)."""
     aws = {"conn_type": "aws", "login": sec["AWS_ACCESS_KEY_ID"], "password": sec["AWS_SECRET_ACCESS_KEY"],
            "extra": {"region_name": settings.stack("AWS_DEFAULT_REGION"), "endpoint_url": url("MINIO_PORT")}}
     spark = {"conn_type": "spark", "host": spark_url().rsplit(":", 1)[0], "port": port("SPARK_MASTER_PORT"),
              "extra": {"deploy-mode": "client"}}
-    return {settings.get("LMPIPE_AWS_CONN_ID"): aws, settings.get("LMPIPE_SPARK_CONN_ID"): spark}
+    out = {settings.get("LMPIPE_AWS_CONN_ID"): aws, settings.get("LMPIPE_SPARK_CONN_ID"): spark}
+    if key := sec.get("LMPIPE_CHECKPOINT_KEY"):  # signs checkpoint markers; handed to the train task only
+        out[settings.get("LMPIPE_CHECKPOINT_CONN_ID")] = {"conn_type": "generic", "password": key}
+    return out
 
 
 def cli(state: State, env: dict, *args: str, name: str) -> None:

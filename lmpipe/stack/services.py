@@ -25,7 +25,8 @@ from lmpipe.stack.procs import Proc, StackError, State, start, wait
 
 BIN = Path(sys.executable).parent  # the venv's programs: airflow, mlflow, moto_server, spark-class
 SECRETS = ("POSTGRES_PASSWORD", "AIRFLOW_DB_PASSWORD", "MLFLOW_DB_PASSWORD", "AIRFLOW_JWT_SECRET",
-           "AIRFLOW_API_SECRET_KEY", "AIRFLOW_ADMIN_PASSWORD", "LMPIPE_API_KEY", "AWS_SECRET_ACCESS_KEY")
+           "AIRFLOW_API_SECRET_KEY", "AIRFLOW_ADMIN_PASSWORD", "LMPIPE_API_KEY", "AWS_SECRET_ACCESS_KEY",
+           "LMPIPE_CHECKPOINT_KEY")
 
 
 # Each process that listens, with the settings that hold its ports (the names compose publishes).
