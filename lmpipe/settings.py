@@ -44,6 +44,8 @@ SETTINGS = {s.name: s for s in [
     Setting("LMPIPE_SPARK_CONN_ID", "spark_default", "Airflow connection the tokenize task submits to"),
     Setting("LMPIPE_CHECKPOINT_CONN_ID", "lmpipe_checkpoint", "Airflow connection whose password is the checkpoint "
             "signing key the train task hands its trainers (LMPIPE_CHECKPOINT_KEY)"),
+    Setting("LMPIPE_SPARK_K8S_SECRET", None, "Kubernetes secret (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) a "
+            "k8s:// Spark driver and its executors read S3 credentials from"),
     Setting("LMPIPE_AWS_CONN_ID", "aws_default", "Airflow aws connection with the S3/MinIO credentials"),
     Setting("LMPIPE_HOSTFILE", None, "DeepSpeed hostfile: lm_pipeline's train runs the launcher on its first host "
             "over ssh, which starts ranks on `nodes` hosts"),

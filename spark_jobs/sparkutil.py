@@ -39,8 +39,11 @@ def session(master: str | None, app_name: str, conf: dict[str, str] | None = Non
     }
     # Executors on a cluster's workers do not inherit the driver's environment: hand them the S3
     # credentials the driver got (from the Airflow aws connection), redacted in Spark's UI and logs.
+    # On Kubernetes with LMPIPE_SPARK_K8S_SECRET the executors read them from that secret instead.
+    k8s_secret = settings.get("LMPIPE_SPARK_K8S_SECRET")
     for name, value in s3_env().items():
-        defaults[f"spark.executorEnv.{name}"] = value
+        if not (k8s_secret and name != "AWS_ENDPOINT_URL"):
+            defaults[f"spark.executorEnv.{name}"] = value
     defaults["spark.redaction.regex"] = "(?i)secret|password|token|access[.]key|aws_access_key_id"
     if (master or "local").startswith("local"):
         # Workers on this machine run this interpreter, so they see the same packages, and a

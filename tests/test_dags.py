@@ -213,3 +213,34 @@ def test_allowed_overrides_reach_the_run_config_and_every_allowed_key_is_documen
     doc = (REPO / "docs" / "airflow.md").read_text()
     for section, keys in tasks.OVERRIDABLE.items():
         assert all(f"`{k}`" in doc for k in keys), section
+
+
+KEYS = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEYID0001", "AWS_SECRET_ACCESS_KEY": "secret/value+example0001",
+        "AWS_SESSION_TOKEN": "session-token-example-0001", "AWS_ENDPOINT_URL": "http://minio:9000"}
+
+
+@pytest.mark.parametrize("master", ["yarn", "local[*]", "spark://master:7077"])
+def test_s3_credentials_never_reach_the_spark_submit_command_line(monkeypatch, master):
+    """The Spark provider's own hook builds the command: with YARN it turns env_vars into --conf
+    arguments, which every user of the machine can read in the process list."""
+    from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
+    from lmpipe_airflow.lm_pipeline import submit_env
+
+    monkeypatch.setenv("AIRFLOW_CONN_SPARK_TEST", json.dumps({"conn_type": "spark", "host": master}))
+    env_vars, hidden, conf = submit_env(master, dict(KEYS))
+    hook = SparkSubmitHook(conn_id="spark_test", env_vars=env_vars, conf=conf)
+    cmd = " ".join(hook._build_spark_submit_command("job.py"))
+    assert not any(KEYS[k] in cmd for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")), cmd
+    process_env = {**(hook._env or {}), **hidden}  # what spark-submit (a client-mode driver) runs with
+    assert all(process_env[k] == v for k, v in KEYS.items())
+
+
+def test_a_kubernetes_master_names_the_secret_and_never_carries_the_keys(monkeypatch):
+    from lmpipe_airflow.lm_pipeline import submit_env
+
+    monkeypatch.setenv("LMPIPE_SPARK_K8S_SECRET", "lmpipe-s3")
+    env_vars, hidden, conf = submit_env("k8s://https://k8s.example:6443", dict(KEYS))
+    assert env_vars == {"AWS_ENDPOINT_URL": "http://minio:9000"}  # the hook puts these on the command line
+    assert conf["spark.kubernetes.driver.secretKeyRef.AWS_SECRET_ACCESS_KEY"] == "lmpipe-s3:AWS_SECRET_ACCESS_KEY"
+    assert conf["spark.kubernetes.executor.secretKeyRef.AWS_ACCESS_KEY_ID"] == "lmpipe-s3:AWS_ACCESS_KEY_ID"
+    assert not any(v in json.dumps(conf) for v in KEYS.values())

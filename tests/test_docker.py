@@ -553,3 +553,20 @@ def test_pod_template_is_a_kubernetes_pod_operator_template():
     assert base["image"] == trainer_image
     assert base["resources"]["limits"]["nvidia.com/gpu"] >= 1
     assert any(v["mountPath"] == "/dev/shm" for v in base["volumeMounts"])
+
+
+def test_the_vllm_entrypoint_passes_the_api_key_in_its_environment_not_its_command_line(monkeypatch):
+    import importlib.util
+
+    from lmpipe.errors import LmpipeError
+
+    spec = importlib.util.spec_from_file_location("vllm_entrypoint", DOCKER / "serving" / "vllm_entrypoint.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setenv("LMPIPE_API_KEY", "sk-serving-key-0001")
+    cmd, env = mod.vllm_command("/models/lmpipe/3", "lmpipe", ["--max-model-len", "2048"])
+    assert cmd[:3] == ["vllm", "serve", "/models/lmpipe/3"] and "--max-model-len" in cmd
+    assert not any("sk-serving-key-0001" in a for a in cmd) and "--api-key" not in cmd
+    assert env["VLLM_API_KEY"] == "sk-serving-key-0001"  # vLLM's server reads it when --api-key is absent
+    with pytest.raises(LmpipeError, match="not --api-key"):
+        mod.vllm_command("/m", "lmpipe", ["--api-key=sk-serving-key-0001"])

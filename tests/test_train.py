@@ -322,3 +322,48 @@ def test_a_stale_extension_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, 
     os.utime(stale, (old, old))
     assert clear_stale_build_locks() == [stale]
     assert not stale.exists() and fresh.exists()
+
+
+def test_multi_node_ranks_get_s3_settings_and_secrets_from_a_600_file_never_the_pdsh_command(tmp_path, monkeypatch):
+    """DeepSpeed's own runner builds the pdsh command from the launcher's environment."""
+    import stat
+
+    import deepspeed.launcher.runner as ds_runner
+
+    from lmpipe import config
+    from training import launcher
+    from training.config import TrainConfig
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
+    cfg = config.build(TrainConfig, {"launch": {"nproc": 2, "hostfile": str(hostfile), "num_nodes": 2,
+                                                "master_port": 29600}})
+    run = tmp_path / "run"
+    run.mkdir()
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE000001", "AWS_SECRET_ACCESS_KEY": "s3-secret-000001",
+               "LMPIPE_CHECKPOINT_KEY": "ckpt-key-000001", "MLFLOW_TRACKING_TOKEN": "mlflow-token-000001"}
+    env = {"PATH": "/usr/bin", "AWS_ENDPOINT_URL": "http://minio:9000", "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+           **secrets}
+    runner_env = launcher.rank_env(cfg, dict(env), run)
+    saved = run / launcher.RANK_ENV
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert json.loads(saved.read_text()) == {k: v for k, v in env.items() if k != "PATH" and k != "MLFLOW_TRACKING_URI"}
+
+    started, real_popen = [], subprocess.Popen
+    monkeypatch.setattr(ds_runner.PDSHRunner, "backend_exists", lambda self: True)
+    monkeypatch.setattr(ds_runner.subprocess, "Popen",
+                        lambda cmd, env=None: started.append(cmd) or real_popen(["true"]))
+    monkeypatch.setattr(ds_runner.os, "environ", dict(runner_env))
+    monkeypatch.chdir(tmp_path)
+    args = launcher.launch_command(cfg, run, 29600)[3:]
+    try:
+        ds_runner.main([*args[:-4], "--no_ssh_check", "--master_addr", "10.0.0.1", *args[-4:]])
+    except SystemExit:
+        pass
+    cmd = " ".join(started[0])
+    assert started[0][0] == "pdsh" and "node-a,node-b" in cmd and "http://mlflow:5000" in cmd
+    assert not any(v in cmd for v in secrets.values()), cmd
+
+    monkeypatch.setattr(launcher.os, "environ", {})
+    launcher.load_rank_env(run)  # what each rank does first
+    assert {k: launcher.os.environ[k] for k in secrets} == secrets

@@ -215,6 +215,36 @@ def _launch_env(cfg: TrainConfig, mlflow_run: str | None) -> dict[str, str]:
     return env
 
 
+RANK_ENV = "rank-env.json"  # multi-node: what every rank loads at start (mode 600), removed after the run
+SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "LMPIPE_CHECKPOINT_KEY",
+           "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
+
+
+def rank_env(cfg: TrainConfig, env: dict[str, str], run: Path) -> dict[str, str]:
+    """The launcher's environment. Multi-node, DeepSpeed's runner writes every variable it
+    forwards (``MLFLOW_*``, ``PYTHON*``, ``NCCL_*``, ``.deepspeed_env``) into the pdsh command
+    line, where any user of either machine can read it, and forwards no ``AWS_*`` at all. So the
+    S3 settings, the checkpoint key and MLflow's secrets go into ``<run>/rank-env.json`` (mode
+    600, in the run folder every node shares), which each rank loads (:func:`load_rank_env`),
+    and the secrets leave the runner's environment."""
+    if not cfg.launch.hostfile:
+        return env  # local ranks inherit the environment, which no other user can read
+    ranks = {k: v for k, v in env.items() if k.startswith(("AWS_", "LMPIPE_")) or k in SECRETS}
+    path = run / RANK_ENV
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(ranks, f)
+    return {k: v for k, v in env.items() if k not in SECRETS}
+
+
+def load_rank_env(run: Path) -> None:
+    """In a rank: the settings :func:`rank_env` left for it, before anything reads them."""
+    path = run / RANK_ENV
+    if path.is_file():
+        os.environ.update(json.loads(path.read_text()))
+
+
 BUILD_LOCK_STALE_S = 600  # a JIT build of DeepSpeed's CPU ops takes about 2 minutes on 2 cores
 
 
@@ -247,7 +277,7 @@ def run(cfg: TrainConfig) -> int:
     resolved["mlflow_run_id"] = mlflow_run
     (run_path / RESOLVED_FILE).write_text(json.dumps(resolved, indent=2))
     sync.upload_run(run_path, cfg)  # the run's config on S3 from the start: a retry elsewhere resumes with it
-    env = _launch_env(cfg, mlflow_run)
+    env = rank_env(cfg, _launch_env(cfg, mlflow_run), run_path)
     port = cfg.launch.master_port or _free_port()
     cmd = launch_command(cfg, run_path, port)
     shm = env.get("MASTER_ADDR") if env.get("DS_ACCELERATOR") == "cpu" and not cfg.launch.hostfile else None
@@ -266,6 +296,7 @@ def run(cfg: TrainConfig) -> int:
     finally:
         if shm:
             _remove(_shm_buffers(shm, port))
+        (run_path / RANK_ENV).unlink(missing_ok=True)
     lineage.finish(cfg, run_path, man, mlflow_run, rc)
     where = sync.upload_run(run_path, cfg)  # after finish: later stages read model_version.json
     if rc == 0:

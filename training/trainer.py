@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--local_rank", type=int, default=None)  # passed by some launchers
     args = ap.parse_args(argv)
+    from training.launcher import load_rank_env
+
+    load_rank_env(Path(args.run_dir))  # multi-node: S3 settings and secrets, never on a command line
     try:
         return Trainer(Path(args.run_dir)).run()
     except LmpipeError as exc:

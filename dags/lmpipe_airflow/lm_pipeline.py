@@ -178,12 +178,34 @@ def check(plan: dict, suite: str) -> None:
         links(data_docs=link(docs))
 
 
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def submit_env(master: str, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """(``env_vars`` for the Spark hook, the spark-submit process's own environment, extra Spark
+    conf) so that no credential reaches a command line. For YARN and Kubernetes masters the hook
+    turns ``env_vars`` into ``--conf`` arguments, so the keys go only into the process environment
+    (a client-mode driver's); a Kubernetes cluster-mode driver and its executors read them from the
+    Kubernetes secret ``LMPIPE_SPARK_K8S_SECRET`` (``secretKeyRef``), named, never copied."""
+    if not master.startswith(("yarn", "k8s://")):
+        return env, {}, {}
+    hidden = {k: v for k, v in env.items() if k in SECRET_ENV}
+    conf = {}
+    if master.startswith("k8s://") and (secret := settings.get("LMPIPE_SPARK_K8S_SECRET")):
+        for name in SECRET_ENV[:2]:
+            for role in ("driver", "executor"):
+                conf[f"spark.kubernetes.{role}.secretKeyRef.{name}"] = f"{secret}:{name}"
+    return {k: v for k, v in env.items() if k not in SECRET_ENV}, hidden, conf
+
+
 class TokenizeSubmit(SparkSubmitOperator):
     """SparkSubmitOperator for the tokenize job: the run config as its only argument, S3
-    credentials from the aws connection passed through the environment (masked, never in XCom)."""
+    credentials from the aws connection passed through the environment (masked, never in XCom,
+    never on a command line: :func:`submit_env`)."""
 
     def execute(self, context):
         import os
+        from unittest import mock
 
         from airflow.sdk import Connection
         from airflow.sdk.exceptions import AirflowNotFoundException
@@ -192,16 +214,21 @@ class TokenizeSubmit(SparkSubmitOperator):
         self.application_args = ["--config", plan["config"]]
         env = s3_env(params["corpus"], plan["root"])
         try:
-            Connection.get(self._conn_id)
+            conn = Connection.get(self._conn_id)
+            master = f"{conn.host}:{conn.port}" if conn.port else (conn.host or "")
         except AirflowNotFoundException:
             self.log.info("no Airflow connection %r: submitting to local[*]", self._conn_id)
             os.environ[f"AIRFLOW_CONN_{self._conn_id.upper()}"] = '{"conn_type": "spark", "host": "local[*]"}'
+            master = "local[*]"
         if not shutil.which("spark-submit"):  # a Spark install on PATH wins; else pyspark's own
             os.environ["PATH"] = f"{settings.get('PATH') or ''}{os.pathsep}{Path(sys.executable).parent}"
         env.setdefault("PYSPARK_PYTHON", sys.executable)
-        self.env_vars = {**(self.env_vars or {}), **env}
+        env_vars, hidden, conf = submit_env(master, env)
+        self.env_vars = {**(self.env_vars or {}), **env_vars}
+        self.conf = {**(self.conf or {}), **conf}
         self._hook = None
-        super().execute(context)
+        with mock.patch.dict(os.environ, hidden):  # spark-submit inherits them; nothing else keeps them
+            super().execute(context)
         links(shard_manifest=link(join(plan["shards"], "manifest.json")))
 
 

@@ -28,13 +28,22 @@ def main(argv: list[str]) -> int:
             log(f"waiting for {cfg.model}: {exc}")
             time.sleep(30)
     path = resolver.fetch(ref, cfg.storage)
-    cmd = ["vllm", "serve", str(path), "--served-model-name", ref.name, "--host", "0.0.0.0", "--port", "8000",
-           *argv[1:]]
-    if settings.get("LMPIPE_API_KEY"):
-        cmd += ["--api-key", settings.get("LMPIPE_API_KEY")]
+    cmd, env = vllm_command(str(path), ref.name, argv[1:])
     log(f"serving {ref.label} from {path} with vLLM")
-    os.execvp(cmd[0], cmd)  # vLLM from the image's own Python, on PATH
+    os.execvpe(cmd[0], cmd, env)  # vLLM from the image's own Python, on PATH
     return 0  # not reached
+
+
+def vllm_command(path: str, name: str, extra: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``vllm serve`` and its environment. The API key goes in ``VLLM_API_KEY``, which vLLM reads
+    when ``--api-key`` is absent: a command line is readable by every user of the machine."""
+    if any(a == "--api-key" or a.startswith("--api-key=") for a in extra):
+        raise LmpipeError("pass the API key as LMPIPE_API_KEY, not --api-key: a command line is visible to every user")
+    cmd = ["vllm", "serve", path, "--served-model-name", name, "--host", "0.0.0.0", "--port", "8000", *extra]
+    env = dict(os.environ)
+    if key := settings.get("LMPIPE_API_KEY"):
+        env["VLLM_API_KEY"] = key
+    return cmd, env
 
 
 if __name__ == "__main__":
