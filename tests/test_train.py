@@ -262,8 +262,11 @@ class Planted:
 
 @pytest.mark.slow
 def test_nan_loss_is_skipped_then_aborts(real_shards, tmp_path):
+    """The NaN is on rank 1 only: rank 0 (which logs) learns of it only through the all-reduce,
+    and every rank must skip the same micro-batch or their collectives would no longer pair up."""
     out = tmp_path / "skip"
-    rc, log = train(real_shards, out, "max_steps=4", "save_every=2", "debug.inject_nan_steps=[1]")
+    rc, log = train(real_shards, out, "max_steps=4", "save_every=2", "debug.inject_nan_steps=[1]",
+                    "debug.inject_nan_ranks=[1]", timeout=240)
     assert rc == 0, log
     assert "non-finite loss at step 1 (data position 1): micro-batch skipped" in log
     assert tags(out)[-1] == "step-00000004"

@@ -57,6 +57,7 @@ class LaunchConfig:
 @stage_config
 class DebugConfig:
     inject_nan_steps: list[int] = field(default_factory=list)  # make the loss NaN at these micro-batches
+    inject_nan_ranks: list[int] = field(default_factory=list)  # ... on these ranks only (empty: every rank)
     log_batches: bool = False  # write every global batch's sample ids to batches.jsonl
     exit_after_steps: int | None = None  # stop (exit 0) after this many steps in this launch
     step_delay_s: float = 0.0  # sleep after each step (tests use it to kill a run mid-way)

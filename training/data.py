@@ -97,8 +97,8 @@ class Order:
 class Loader:
     """Background prefetch of this rank's micro-batches from a position onward."""
 
-    def __init__(self, data: ShardSet, order: Order, rank: int, start: int, prefetch: int = 4):
-        self.data, self.order, self.rank = data, order, rank
+    def __init__(self, data: ShardSet, order: Order, rank: int, start: int, prefetch: int = 4, pin: bool = False):
+        self.data, self.order, self.rank, self.pin = data, order, rank, pin
         self.position = start
         self.waited = 0.0
         self._q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -112,6 +112,8 @@ class Loader:
         try:
             while not self._stop.is_set():
                 batch = torch.from_numpy(self.data.rows(self.order.rank_ids(pos, self.rank)))
+                if self.pin:  # page-locked: the copy to the GPU can overlap compute
+                    batch = batch.pin_memory()
                 while not self._stop.is_set():
                     try:
                         self._q.put((pos, batch), timeout=0.5)

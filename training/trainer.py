@@ -76,12 +76,12 @@ class Trainer:
         from training.config import DS_FILE
 
         self.cpu = not torch.cuda.is_available()
+        if not self.cpu:  # before the process group: NCCL binds each rank to its current device
+            torch.cuda.set_device(int(settings.get("LOCAL_RANK") or 0))
         deepspeed.init_distributed(dist_backend="gloo" if self.cpu else "nccl")
         self.dist, self.rank, self.world = dist, dist.get_rank(), dist.get_world_size()
         if self.world != self.resolved["world_size"]:
             raise LmpipeError(f"{self.world} ranks started but the run was resolved for {self.resolved['world_size']}")
-        if not self.cpu:
-            torch.cuda.set_device(int(settings.get("LOCAL_RANK")))
         b = self.resolved["batch"]
         self.batch, self.prec = ds_config.Batch(b["micro"], b["accum"], b["world"]), self.resolved["precision"]
         self.data = datalib.ShardSet(self.cfg.shards, self.run_dir / "cache" / "shards", self.cfg.storage)
@@ -141,8 +141,12 @@ class Trainer:
             raise LmpipeError(f"DeepSpeed found no checkpoint in {self.root / tags[-1]}: refusing to restart from step 0")
         self.step, self.position = marker["step"], marker["position"]
         rng = self.root / tags[-1] / f"rng-rank{self.rank}.pt"
-        if rng.is_file():
-            torch.set_rng_state(torch.load(rng, weights_only=True))
+        if rng.is_file():  # verified with the tag; tensors only (weights_only)
+            state = torch.load(rng, weights_only=True)
+            state = state if isinstance(state, dict) else {"cpu": state}
+            torch.set_rng_state(state["cpu"])
+            if "cuda" in state and not self.cpu:
+                torch.cuda.set_rng_state(state["cuda"])
         self.say(f"resumed from {self.root / tags[-1]} at step {self.step} (data position {self.position})")
 
     # ------------------------------------------------------------------ the loop
@@ -152,7 +156,7 @@ class Trainer:
 
         self.setup()
         self.resume()
-        loader = datalib.Loader(self.data, self.order, self.rank, self.position, self.cfg.prefetch)
+        loader = datalib.Loader(self.data, self.order, self.rank, self.position, self.cfg.prefetch, pin=not self.cpu)
         self.metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1) if self.rank == 0 else None
         log_batches = self.rank == 0 and self.cfg.debug.log_batches
         self.batches = open(self.run_dir / "batches.jsonl", "a", buffering=1) if log_batches else None
@@ -177,10 +181,11 @@ class Trainer:
         """One micro-batch: "skipped" (non-finite loss), "abort", "accumulated" or "stepped"."""
         import torch.nn.functional as F
 
-        batch = batch.to(self.device)
+        batch = batch.to(self.device, non_blocking=True)  # pinned by the loader on GPUs
         logits = self.engine(input_ids=batch[:, :-1]).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-        if pos in self.cfg.debug.inject_nan_steps:
+        dbg = self.cfg.debug
+        if pos in dbg.inject_nan_steps and (not dbg.inject_nan_ranks or self.rank in dbg.inject_nan_ranks):
             loss = loss * float("nan")
         self.position = pos + 1
         if not self._all_finite(loss.detach()):
@@ -275,7 +280,8 @@ class Trainer:
         self.engine.save_checkpoint(str(self.root), tag=t, client_state={"step": self.step, "position": self.position},
                                     save_latest=False)
         (self.root / t).mkdir(parents=True, exist_ok=True)
-        torch.save(torch.get_rng_state(), self.root / t / f"rng-rank{self.rank}.pt")
+        rng = {"cpu": torch.get_rng_state(), **({} if self.cpu else {"cuda": torch.cuda.get_rng_state()})}
+        torch.save(rng, self.root / t / f"rng-rank{self.rank}.pt")
         self.dist.barrier()  # every rank has written its part
         if self.rank == 0:
             from lmpipe.storage import sha256_file
