@@ -36,6 +36,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# files and breaks mapInArrow: install it without that dependency.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt \
 		apache-airflow-providers-apache-spark grpcio-status
+	# The Data Docs index's table scripts: from the npm registry, pinned and hash-checked.
+	$(PY) -m data_checks.assets fetch
 	@touch $@
 
 # The main job: demo corpus -> serving job -> lm_pipeline through Airflow -> rollout -> a completion.

@@ -5,8 +5,10 @@ GX 1.x pages load Bootstrap, jQuery and Font Awesome from CDNs. On an air-gapped
 (Font Awesome glyphs) are invisible, so a user cannot see which expectations failed.
 We copy the same libraries from pinned PyPI packages (fontawesomefree 6.6.0 is GX's exact
 version; XStatic-Bootstrap 4.5 and XStatic-jQuery 3.7.1) into ``static/vendor`` and point
-the pages at them; the CDN-only extras (bootstrap-table, datepicker, vega charts) are
-dropped, which leaves plain tables.
+the pages at them. The index's Validation Results table needs bootstrap-table, its
+filter-control extension and bootstrap-datepicker, which no PyPI package carries: they come
+from the npm registry at install time (:mod:`data_checks.assets`). The remaining CDN extras
+(vega charts, a dark theme, a second Popper) are dropped.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ def _assets() -> dict[str, Path]:
     import xstatic.pkg.bootstrap as bootstrap
     import xstatic.pkg.jquery as jquery
 
+    from data_checks import assets
+
     fa = Path(fontawesomefree.__file__).parent / "static" / "fontawesomefree"
     return {
+        **assets.files(),
         "bootstrap.min.css": Path(bootstrap.BASE_DIR) / "css" / "bootstrap.min.css",
         "bootstrap.bundle.min.js": Path(bootstrap.BASE_DIR) / "js" / "bootstrap.bundle.min.js",
         "jquery.min.js": Path(jquery.BASE_DIR) / "jquery.min.js",
@@ -38,6 +43,11 @@ _REWRITES = [
     (r"https://stackpath\.bootstrapcdn\.com/bootstrap/[^\"']+/bootstrap\.min\.js", "bootstrap.bundle.min.js"),
     (r"https://code\.jquery\.com/jquery-[^\"']+\.min\.js", "jquery.min.js"),
     (r"https://cdnjs\.cloudflare\.com/ajax/libs/font-awesome/[^\"']+/all\.min\.css", "fontawesome/css/all.min.css"),
+    (r"https://unpkg\.com/bootstrap-table@[^/\"']+/dist/bootstrap-table\.min\.(js|css)", r"bootstrap-table.min.\1"),
+    (r"https://unpkg\.com/bootstrap-table@[^/\"']+/dist/extensions/filter-control/bootstrap-table-filter-control"
+     r"(?:\.min)?\.(js|css)", r"bootstrap-table-filter-control.min.\1"),
+    (r"https://cdnjs\.cloudflare\.com/ajax/libs/bootstrap-datepicker/[^/\"']+/(?:js|css)/bootstrap-datepicker"
+     r"\.min\.(js|css)", r"bootstrap-datepicker.min.\1"),
 ]
 _DROP_TAG = re.compile(r"<(script|link)\b[^>]*(?:src|href)=\"https://(?:unpkg\.com|cdnjs\.cloudflare\.com|cdn\.jsdelivr\.net)"
                        r"[^\"]*\"[^>]*>(?:\s*</script>)?")

@@ -55,6 +55,8 @@ SETTINGS = {s.name: s for s in [
     Setting("LMPIPE_CHECKPOINT_KEY", None, "secret that signs and verifies checkpoint markers; every trainer of a run "
             "needs the same one (default: a key made once in LMPIPE_HOME/checkpoint.key)"),
     Setting("LMPIPE_SPARK_LOG_LEVEL", "WARN", "Spark log level in lmpipe's Spark jobs"),
+    Setting("LMPIPE_NPM_REGISTRY", "https://registry.npmjs.org", "npm registry the install fetches the Data Docs "
+            "scripts from (a mirror works; each tarball is checked against its pinned sha512)", "runtime"),
     Setting("LMPIPE_PROGRESS_S", "5", "seconds between progress lines of long Spark stages"),
     # the production topology: make stack and docker/compose.yaml
     Setting("AIRFLOW_PORT", "8080", "Airflow's UI and REST API (api-server)", "stack"),

@@ -300,3 +300,19 @@ def test_results_never_replace_a_folder_lmpipe_did_not_write(demo_corpus_dir, tm
     first = check(corpus=str(demo_corpus_dir), results=str(tmp_path / "mine"))  # new: written
     again = check(corpus=str(demo_corpus_dir), results=str(tmp_path / "mine"))  # lmpipe's own: replaced
     assert first["success"] and again["success"] and (tmp_path / "mine" / "result.json").is_file()
+
+
+def test_data_docs_scripts_are_pinned_by_hash_and_their_absence_names_the_fix(tmp_path, monkeypatch):
+    import base64
+    import hashlib
+
+    from data_checks import assets
+    from lmpipe.errors import LmpipeError
+
+    data = b"a tarball"
+    assets.verify(data, "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode())
+    with pytest.raises(LmpipeError, match="does not match its pinned sha512"):
+        assets.verify(data + b"!", "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode())
+    monkeypatch.setattr(assets, "folder", lambda: tmp_path / "none")
+    with pytest.raises(LmpipeError, match=r"Data Docs scripts missing .*bootstrap-table\.min\.js.*data_checks\.assets fetch"):
+        assets.files()

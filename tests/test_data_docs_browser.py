@@ -38,5 +38,14 @@ def test_failed_expectations_are_visible_in_chromium(real_shards, tmp_path):
     assert red.sum() > 200, "no failure marks visible"
     assert green.sum() > 50, "no success marks visible"
 
-    index = dom((page.parents[4] / "index.html").as_uri())
-    assert "lmpipe_shards_shards" in index
+    # The index the task links to: bootstrap-table must build its Validation Results rows (the
+    # table stays empty without it), and the failed run's row leads to the failed expectation.
+    index_page = page.parents[4] / "index.html"
+    assert not re.search(r'<script[^>]+src="https?://', index_page.read_text()), "the index loads scripts from the network"
+    index = dom(index_page.as_uri())
+    rows = re.findall(r'<tr[^>]*class="clickable-row"[^>]*data-href="(validations/[^"]+)"[^>]*>(.*?)</tr>', index, re.S)
+    assert len(rows) == 3, f"{len(rows)} validation rows rendered"  # dataset, splits, shards
+    (failed,) = [href for href, cells in rows if "ge-failed-icon" in cells]
+    assert failed.startswith("validations/lmpipe_shards_shards/")
+    target = dom((index_page.parent / failed).as_uri())  # where a click on that row goes
+    assert "Every shard's sha256 matches the manifest" in target and f"train/{rel.name}" in target
