@@ -103,7 +103,8 @@ async def _invalid(_req, exc: RequestValidationError):
     e = exc.errors()[0]
     if e.get("type") == "json_invalid":
         return error(400, "malformed JSON in the request body", None, "invalid_json")
-    param = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or None
+    # The request field, as OpenAI names it: not pydantic's path into a union ("prompt.str").
+    param = next((str(x) for x in e.get("loc", ()) if x != "body"), None)
     return error(400, f"invalid '{param}': {e.get('msg')}", param)
 
 

@@ -47,7 +47,7 @@ def running(cfg, wait_ready: bool = True):
         thread.join(timeout=30)
 
 
-def tiny_export(dest: Path, shards: Path, seed: int) -> Path:
+def tiny_export(dest: Path, shards: Path, seed: int, positions: int = 128) -> Path:
     """A randomly initialised tiny model with the shards' tokenizer, exported like a training run."""
     import torch
     from transformers import PreTrainedTokenizerFast
@@ -57,7 +57,7 @@ def tiny_export(dest: Path, shards: Path, seed: int) -> Path:
     man = json.loads((shards / "manifest.json").read_text())
     torch.manual_seed(seed)
     m = recipes.tiny().model
-    m.max_position_embeddings = 128
+    m.max_position_embeddings = positions
     model = recipes.build_model(m, man["tokenizer"]["vocab_size"], man["tokenizer"]["eos_id"])
     model.config.use_cache = True
     model.save_pretrained(dest, safe_serialization=True)

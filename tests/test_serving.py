@@ -80,28 +80,51 @@ def test_openai_client_completes_streams_and_reports_usage(exports):
             assert name in metrics
 
 
-@pytest.mark.parametrize("body,status,param", [
-    ({"prompt": "word " * 300, "max_tokens": 4}, 400, "prompt"),
-    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ({"prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
-    ({"prompt": "x", "n": 50}, 400, "n"),
-    ({"prompt": "x", "temperature": 3.5}, 400, "temperature"),
-    ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
-    ({"max_tokens": 3}, 400, "prompt"),
-])
-def test_bad_requests_get_openai_errors(exports, body, status, param):
+BAD_REQUESTS = [  # (body, status, param, code): every 4xx docs/serving.md lists
+    ({"prompt": "word " * 300, "max_tokens": 4}, 400, "prompt", "context_length_exceeded"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", None),
+    ({"prompt": "x", "max_tokens": 100000}, 400, "max_tokens", None),
+    ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens", None),
+    ({"prompt": "x", "n": 50}, 400, "n", None),
+    ({"prompt": "x", "temperature": 3.5}, 400, "temperature", None),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p", None),
+    ({"prompt": "x", "top_p": 1.5}, 400, "top_p", None),
+    ({"prompt": "x", "logprobs": 6}, 400, "logprobs", None),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+    ({"prompt": []}, 400, "prompt", None),
+    ({"prompt": 42}, 400, "prompt", None),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model", "model_not_found"),
+    ({"max_tokens": 3}, 400, "prompt", None),
+]
+
+
+def test_bad_requests_get_openai_errors_and_never_reach_the_model(exports):
     with running(serve_cfg(model=str(exports["a"]))) as base:
-        r = httpx.post(base + "/v1/completions", json={"model": "a", **body}, timeout=30)
-        assert r.status_code == status, r.text
-        err = r.json()["error"]
-        assert err["param"] == param and param.split(".")[0] in err["message"]
+        for body, status, param, code in BAD_REQUESTS:
+            r = httpx.post(base + "/v1/completions", json={"model": "a", **body}, timeout=30)
+            assert r.status_code == status, (body, r.text)
+            err = r.json()["error"]
+            assert err["param"] == param and param.split(".")[0] in err["message"], (body, err)
+            assert code is None or err["code"] == code, (body, err)
         r = httpx.post(base + "/v1/completions", content=b'{"model": "a", "prompt": ', timeout=30,
                        headers={"content-type": "application/json"})
         assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+        metrics = httpx.get(base + "/metrics").text
+        assert "lmpipe_tokens_generated_total 0.0" in metrics  # none of them reached the model
         assert httpx.get(base + "/healthz").status_code == 200  # still up
 
 
-def test_burst_past_the_queue_gets_429_quickly_and_disconnects_free_slots(exports):
+def test_admin_needs_the_key_and_a_server_without_a_model_answers_503(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with running(serve_cfg(model="models:/nothing-registered@champion", api_key=KEY), wait_ready=False) as base:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert httpx.post(base + "/admin/reload", timeout=30).status_code == 401
+        assert httpx.get(base + "/readyz", timeout=30).status_code == 503
+        r = httpx.post(base + "/v1/completions", json={"model": "lmpipe", "prompt": "x"}, headers=auth, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready", r.text
+
+
+def test_burst_past_the_queue_gets_429_quickly(exports):
     with running(serve_cfg(model=str(exports["a"]), max_queue=2, max_batch=1)) as base:
         def call():
             t = time.monotonic()
@@ -115,18 +138,29 @@ def test_burst_past_the_queue_gets_429_quickly_and_disconnects_free_slots(export
         assert codes.count(429) >= 6 and codes.count(200) >= 2, codes
         assert max(t for c, t in results if c == 429) < 5.0  # refused fast, not queued
 
-        # a client that leaves mid-stream frees its slot
-        for _ in range(2):
-            with httpx.stream("POST", base + "/v1/completions", timeout=60,
-                              json={"model": "a", "prompt": "x", "max_tokens": 120, "stream": True}) as s:
-                next(s.iter_lines())
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            r = httpx.post(base + "/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 2}, timeout=60)
-            if r.status_code == 200:
-                break
-            time.sleep(0.2)
-        assert r.status_code == 200
+
+
+def metric(base: str, name: str) -> float:
+    line = next(x for x in httpx.get(base + "/metrics").text.splitlines() if x.startswith(name + " "))
+    return float(line.split()[1])
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_decode_and_frees_its_slot(real_shards, tmp_path):
+    """The oracle is the token counter: a stream of 2,000 tokens whose client leaves after the first
+    chunk must stop long before 2,000 tokens are decoded (without cancellation it runs to the end)."""
+    export = tiny_export(tmp_path / "long", real_shards, seed=3, positions=2304)
+    with running(serve_cfg(model=str(export), max_batch=1, max_queue=2, max_tokens_limit=2048)) as base:
+        body = {"model": "long", "prompt": "x", "max_tokens": 2000, "temperature": 0, "stream": True}
+        before = metric(base, "lmpipe_tokens_generated_total")
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as s:
+            next(s.iter_lines())
+        deadline = time.monotonic() + 300  # bounded; a decode that is never cancelled ends by itself
+        while metric(base, "lmpipe_queue_depth") > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        decoded = metric(base, "lmpipe_tokens_generated_total") - before
+        assert decoded < 1000, f"{decoded:.0f} tokens decoded for a client that left after the first chunk"
+        r = httpx.post(base + "/v1/completions", json={"model": "long", "prompt": "x", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200  # its slot is free
 
 
 def test_alias_moves_under_load_with_zero_failures_and_broken_versions_are_kept_out(exports):
