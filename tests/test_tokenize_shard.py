@@ -43,45 +43,75 @@ def shard_stream(store, m, split):
     return {t: np.concatenate(v) for t, v in streams.items()}
 
 
+WORDS = ("river", "stone", "light", "north", "copper", "garden", "signal", "window", "paper", "orbit", "ember",
+         "harbor", "quiet", "vector", "maple", "thread", "échelle", "naïve", "日本", "emoji 🙂", "tab\there", "new\nline")
+
+
+def hand_built_corpus(root: Path) -> tuple[list[list[str]], int]:
+    """Two files of about 0.6 MB (so two read tasks of partition_mb=1, in key order), the second
+    repeating three texts of the first under new ids. Returns each file's unique texts, in order,
+    read back with the json module, and how many duplicates were planted."""
+    import random
+
+    rng = random.Random(7)
+
+    def text(i: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(120, 400))) + f" [{i}]"
+
+    a = [{"id": f"a{i}", "text": text(i)} for i in range(300)]
+    b = [{"id": f"b{i}", "text": text(1000 + i)} for i in range(300)]
+    b[10:10] = [{"id": f"dup{i}", "text": a[i]["text"]} for i in (0, 5, 9)]
+    write_jsonl(root / "a.jsonl", a)
+    write_jsonl(root / "b.jsonl", b)
+    files = [[json.loads(x)["text"] for x in (root / name).read_text().splitlines()] for name in ("a.jsonl", "b.jsonl")]
+    seen, unique = set(), []
+    for texts in files:
+        unique.append([t for t in texts if not (t in seen or seen.add(t))])
+    return unique, 3
+
+
 @pytest.mark.slow
-def test_round_trip_both_splits(tmp_path, demo_corpus_dir):
+def test_round_trip_both_splits(tmp_path):
+    """Checked against an oracle of its own: texts read back with ``json``, token ids from the
+    ``tokenizers`` library, split membership found in the shards rather than predicted. Every
+    document comes back exactly, in order, in one split, followed by EOS; only each split's last
+    partial sequence is dropped."""
+    from tokenizers import Tokenizer
+
+    unique, dups = hand_built_corpus(tmp_path / "corpus")
     out = tmp_path / "shards"
-    m = run(demo_corpus_dir, out, partition_mb=1)
+    m = run(tmp_path / "corpus", out, partition_mb=1, validation_fraction=0.3)
     store = open_store(out)
-    tok = from_json(store.get_bytes("tokenizer.json").decode())
-    eos = m["tokenizer"]["eos_id"]
-    assert m["tokenizer"]["sha256"] == store.sha256("tokenizer.json")
-    # Rebuild each read task's document stream independently of Spark.
-    cstore, files, _ = corpus.resolve(str(demo_corpus_dir))
-    tasks = corpus.plan_tasks(files, 1024 * 1024)
-    assert len(tasks) >= 2
-    seen, expected = set(), {"train": {}, "validation": {}}
-    for t, segments in enumerate(tasks):
-        for key, s, e in segments:
-            for rec in corpus.read_file(cstore, key, corpus.CorpusConfig(), s, e):
-                h = corpus.text_hash(rec.text)
-                if h in seen:
-                    continue
-                seen.add(h)
-                ids = tok.encode(rec.text, add_special_tokens=False).ids + [eos]
-                expected[corpus.split_of(rec.doc_id, 0.1)].setdefault(t, []).append((rec.text, ids))
-    for split in ("train", "validation"):
-        got = shard_stream(store, m, split)
-        assert got, f"no {split} shards"
-        for t, docs in expected[split].items():
-            stream = np.concatenate([np.array(ids) for _, ids in docs])
-            n = len(got.get(t, []))
-            assert len(stream) - n < m["seq_len"] + 1  # only the tail that fills no sequence is dropped
-            assert np.array_equal(got.get(t, np.array([], dtype=int)), stream[:n])
-            # and decoding the complete documents gives back their exact text
-            pos = 0
-            for text, ids in docs:
-                if pos + len(ids) > n:
-                    break
-                assert tok.decode(got[t][pos : pos + len(ids) - 1].tolist(), skip_special_tokens=False) == text
-                assert got[t][pos + len(ids) - 1] == eos
-                pos += len(ids)
-        assert m["splits"][split]["tokens"] == sum(len(v) for v in got.values())
+    tok = Tokenizer.from_str(store.get_bytes("tokenizer.json").decode())
+    eos = tok.token_to_id("<|endoftext|>")
+    assert m["tokenizer"]["eos_id"] == eos and m["input"]["duplicates_removed"] == dups
+    streams = {split: shard_stream(store, m, split) for split in ("train", "validation")}
+    assert set(streams["train"]) == {0, 1} and streams["validation"], "both tasks, both splits"
+    L = m["seq_len"] + 1
+    for task, texts in enumerate(unique):
+        complete, rest = {}, {}
+        for split, by_task in streams.items():
+            ids = by_task.get(task, np.array([], dtype=np.int64)).tolist()
+            cuts = [i for i, t in enumerate(ids) if t == eos]
+            complete[split] = [ids[a + 1 : b] for a, b in zip([-1, *cuts], cuts)]
+            rest[split] = ids[cuts[-1] + 1 :] if cuts else ids
+        pointer, leftover = {"train": 0, "validation": 0}, []
+        for text in texts:  # each document is the next complete one of exactly one split
+            ids = tok.encode(text, add_special_tokens=False).ids
+            split = next((s for s in pointer if pointer[s] < len(complete[s]) and complete[s][pointer[s]] == ids), None)
+            if split is None:
+                leftover.append(ids)
+                continue
+            assert tok.decode(complete[split][pointer[split]], skip_special_tokens=False) == text
+            pointer[split] += 1
+        assert pointer == {s: len(c) for s, c in complete.items()}, "shards hold a document the corpus does not"
+        assert sum(len(c) for c in complete.values()) > 0.9 * len(texts)
+        tails = sum(len(ids) + 1 for ids in leftover) - sum(len(r) for r in rest.values())
+        assert 0 <= tails < 2 * L, "more than each split's last partial sequence was dropped"
+        for split, r in rest.items():
+            assert not r or any(ids[: len(r)] == r for ids in leftover)
+    for split, by_task in streams.items():
+        assert m["splits"][split]["tokens"] == sum(len(v) for v in by_task.values())
     assert json.loads((out / "tokenize_config.json").read_text())["seq_len"] == 64
     assert m["dtype"] == "uint16"
 
