@@ -294,6 +294,21 @@ def test_a_resume_with_another_rank_count_is_refused_naming_both(real_shards, tm
     assert rc == 2 and "step-00000002" in log and "written by 2 ranks" in log and "would start 1" in log, log
 
 
+def test_a_resume_with_another_zero_stage_is_refused_naming_both(real_shards, tmp_path):
+    """ZeRO partitions optimizer state by stage: a resume keeps the stage of the run."""
+    from lmpipe.cli import build_parser
+    from lmpipe.errors import LmpipeError
+    from training import launcher
+
+    out = tmp_path / "run"
+    args = build_parser().parse_args(["train", "--shards", str(real_shards), "--out", str(out), *BASE])
+    launcher.prepare(launcher.config_from_args(args))
+    args = build_parser().parse_args(["train", "--shards", str(real_shards), "--out", str(out), *BASE,
+                                      "--zero-stage", "3"])
+    with pytest.raises(LmpipeError, match=r"deepspeed\.zero_stage: 2 in the run, 3 now"):
+        launcher.prepare(launcher.config_from_args(args))
+
+
 def test_refusals_before_launch(real_shards, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()

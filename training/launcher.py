@@ -117,12 +117,22 @@ def _open_run(cfg: TrainConfig) -> Path:
 
 def _check_resume(run: Path, cfg: TrainConfig) -> None:
     """A run folder may only be continued with the same config (bar RESUMABLE_CHANGES)."""
-    old = json.loads((run / CONFIG_FILE).read_text())
-    new = cfglib.to_dict(cfg)
-    diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    old, new = _flat(json.loads((run / CONFIG_FILE).read_text())), _flat(cfglib.to_dict(cfg))
+    diff = sorted(k for k in set(old) | set(new) if k.split(".")[0] not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
     if diff:
-        raise LmpipeError(f"{run} holds a run with a different config ({', '.join(diff)}): "
+        named = ", ".join(f"{k}: {old.get(k)!r} in the run, {new.get(k)!r} now" for k in diff)
+        raise LmpipeError(f"{run} holds a run with a different config ({named}): "
                           "resume with the same settings, or pass --fresh to start over")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _check_world(run: Path, cfg: TrainConfig, world: int) -> None:
