@@ -122,8 +122,10 @@ def lm_pipeline():
         tasks.evaluate(run)
         return run
 
-    # A registry that is briefly away is retried soon; the gate itself is idempotent.
-    @task(outlets=[PROMOTIONS], execution_timeout=dt.timedelta(minutes=30), retry_delay=SOON)
+    # A registry that is briefly away is retried soon; the gate itself is idempotent. One promote
+    # at a time across runs: two gates deciding against the same champion would both move it.
+    @task(outlets=[PROMOTIONS], execution_timeout=dt.timedelta(minutes=30), retry_delay=SOON,
+          max_active_tis_per_dag=1)
     def promote(run: dict, params=None, outlet_events=None) -> dict:
         decision = tasks.promote(run, params)
         if decision == "promoted":

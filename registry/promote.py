@@ -10,15 +10,19 @@ that run registered, and the run's HTML report is written after the decision.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
+import re
+from collections.abc import Iterator
 from dataclasses import field
 
 from lmpipe import config as cfglib
 from lmpipe.config import stage_config
 from lmpipe.errors import ConfigError, ExitCode, LmpipeError
 from lmpipe.log import log
+from lmpipe.settings import home
 from lmpipe.storage import StorageConfig, open_store
 from registry import tracking
 from registry.tracking import TrackingConfig
@@ -109,7 +113,7 @@ def decide(c, name: str, version: str, margin: float, evaluate_missing=None) -> 
 def already_promoted(c, name: str, version: str) -> dict | None:
     """When ``version`` already holds the champion alias (a retried promotion, or one run again):
     its promotion stands. An attempt that moved the alias and stopped before its bookkeeping
-    (history, event log, decision tags, written in that order) has it finished here, once."""
+    (event log, then decision tags) has it finished here, once."""
     champ = tracking.alias_version(c, name, tracking.CHAMPION)
     if champ is None or str(champ.version) != version:
         return None
@@ -119,9 +123,6 @@ def already_promoted(c, name: str, version: str) -> dict | None:
     if logged and last.get("decision") == "promoted" and last.get("at") == events[-1][2]:
         log(f"v{version} is the champion already: its promotion at {last['at']} stands")
         return last
-    hist = tracking.champion_history(c, name)
-    if not hist or hist[-1] != version:
-        c.set_registered_model_tag(name, tracking.HISTORY_TAG, json.dumps([*hist, version]))
     d = {"decision": "promoted", "reasons": [], "candidate": version, "candidate_perplexity": None,
          "champion": None, "champion_perplexity": None, "resumed": True,
          "at": events[-1][2] if logged else _now()}
@@ -133,16 +134,35 @@ def already_promoted(c, name: str, version: str) -> dict | None:
     return d
 
 
+@contextlib.contextmanager
+def serialised(name: str) -> Iterator[None]:
+    """One promotion or rollback of ``name`` at a time on this machine (an exclusive lock under
+    ``$LMPIPE_HOME/locks``). Across machines, lm_pipeline runs one promote task at a time."""
+    import fcntl
+
+    path = home() / "locks" / f"promote-{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def promote(cfg, version: str, margin: float) -> dict:
+    with serialised(cfg.model_name):
+        return _promote(cfg, version, margin)
+
+
+def _promote(cfg, version: str, margin: float) -> dict:
     c = tracking.client(cfg)
     name = cfg.model_name
     if (done := already_promoted(c, name, str(version))) is not None:
         return done
     d = decide(c, name, str(version), margin)
     if d["decision"] == "promoted":
-        hist = tracking.champion_history(c, name)
         c.set_registered_model_alias(name, tracking.CHAMPION, str(version))
-        c.set_registered_model_tag(name, tracking.HISTORY_TAG, json.dumps([*hist, str(version)]))
         tracking.log_champion(c, name, str(version), "promoted", d["at"])
     c.set_model_version_tag(name, str(version), f"lmpipe.promotion.{d['at']}", json.dumps(d))
     c.set_model_version_tag(name, str(version), "lmpipe.promotion.last", json.dumps(d))
@@ -151,6 +171,11 @@ def promote(cfg, version: str, margin: float) -> dict:
 
 
 def rollback(cfg) -> dict:
+    with serialised(cfg.model_name):
+        return _rollback(cfg)
+
+
+def _rollback(cfg) -> dict:
     c = tracking.client(cfg)
     name = cfg.model_name
     hist = tracking.champion_history(c, name)
@@ -158,7 +183,6 @@ def rollback(cfg) -> dict:
         raise LmpipeError(f"{name} has no previous champion to roll back to (history: {hist})")
     current, previous = hist[-1], hist[-2]
     c.set_registered_model_alias(name, tracking.CHAMPION, previous)
-    c.set_registered_model_tag(name, tracking.HISTORY_TAG, json.dumps(hist[:-1]))
     d = {"decision": "rolled back", "from": current, "to": previous, "at": _now()}
     tracking.log_champion(c, name, previous, f"rollback from v{current}", d["at"])
     c.set_model_version_tag(name, current, f"lmpipe.promotion.{d['at']}", json.dumps(d))

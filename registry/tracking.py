@@ -19,8 +19,10 @@ from lmpipe.settings import home
 
 CHAMPION, CANDIDATE = "champion", "candidate"
 MODEL_NAME = "lmpipe"  # the registered model's default name
-HISTORY_TAG = "lmpipe.champion_history"  # the stack that --rollback pops
-LOG_TAG = "lmpipe.champion_log"  # every change of champion, append-only: [[version, event, time], ...]
+# Every change of champion is one registered-model tag of its own, ``lmpipe.champion.event.<ns>-<id>``
+# = [version, event, time]: appending never rewrites a growing value, and no value outgrows a tag.
+EVENT_PREFIX = "lmpipe.champion.event."
+LEGACY_LOG_TAG = "lmpipe.champion_log"  # one JSON list, as older registries hold it; read, never written
 
 
 @stage_config
@@ -111,15 +113,28 @@ def alias_version(c, name: str, alias: str):
         return None
 
 
-def champion_history(c, name: str) -> list[str]:
-    tags = c.get_registered_model(name).tags
-    return json.loads(tags.get(HISTORY_TAG, "[]"))
-
-
 def champion_log(c, name: str) -> list[list[str]]:
-    return json.loads(c.get_registered_model(name).tags.get(LOG_TAG, "[]"))
+    """Every change of champion, oldest first: [[version, event, time], ...]."""
+    tags = c.get_registered_model(name).tags
+    events = [json.loads(v) for k, v in sorted(tags.items()) if k.startswith(EVENT_PREFIX)]
+    return json.loads(tags.get(LEGACY_LOG_TAG, "[]")) + events
+
+
+def champion_history(c, name: str) -> list[str]:
+    """The champions a rollback steps back through, oldest first: the log replayed (a promotion
+    pushes its version, a rollback pops the current one)."""
+    stack: list[str] = []
+    for version, event, _at in champion_log(c, name):
+        if event == "promoted" and (not stack or stack[-1] != version):
+            stack.append(version)
+        elif event.startswith("rollback") and stack:
+            stack.pop()
+    return stack
 
 
 def log_champion(c, name: str, version: str, event: str, at: str) -> None:
-    entries = champion_log(c, name)
-    c.set_registered_model_tag(name, LOG_TAG, json.dumps([*entries, [str(version), event, at]]))
+    import secrets
+    import time
+
+    key = f"{EVENT_PREFIX}{time.time_ns():020d}-{secrets.token_hex(3)}"
+    c.set_registered_model_tag(name, key, json.dumps([str(version), event, at]))

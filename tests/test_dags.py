@@ -35,7 +35,7 @@ PROBE = textwrap.dedent("""
         tasks = {t.task_id: {"upstream": sorted(t.upstream_task_ids), "retries": t.retries,
                              "retry_delay": t.retry_delay.total_seconds() if t.retry_delay else None,
                              "timeout": t.execution_timeout.total_seconds() if t.execution_timeout else None,
-                             "type": type(t).__name__}
+                             "max_active_tis_per_dag": t.max_active_tis_per_dag, "type": type(t).__name__}
                  for t in dag.tasks}
         verdicts = {}
         served = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))  # as the API server holds it
@@ -244,3 +244,8 @@ def test_a_kubernetes_master_names_the_secret_and_never_carries_the_keys(monkeyp
     assert conf["spark.kubernetes.driver.secretKeyRef.AWS_SECRET_ACCESS_KEY"] == "lmpipe-s3:AWS_SECRET_ACCESS_KEY"
     assert conf["spark.kubernetes.executor.secretKeyRef.AWS_ACCESS_KEY_ID"] == "lmpipe-s3:AWS_ACCESS_KEY_ID"
     assert not any(v in json.dumps(conf) for v in KEYS.values())
+
+
+def test_one_promote_runs_at_a_time_across_runs(probe):
+    tasks = probe["dags"]["lm_pipeline"]["tasks"]
+    assert tasks["promote"]["max_active_tis_per_dag"] == 1

@@ -182,9 +182,8 @@ def _make_champion(c, version: str) -> None:
     """What a promotion does to the registry (alias plus history), without the evaluation gate."""
     from registry import tracking
 
-    hist = tracking.champion_history(c, "lmpipe")
     c.set_registered_model_alias("lmpipe", tracking.CHAMPION, version)
-    c.set_registered_model_tag("lmpipe", tracking.HISTORY_TAG, json.dumps([*hist, version]))
+    tracking.log_champion(c, "lmpipe", version, "promoted", "2026-01-01T00:00:00Z")
 
 
 def test_rollout_moves_serving_to_the_new_champion_and_rolls_back_a_broken_one(af, first_run, real_shards, tmp_path):

@@ -54,9 +54,8 @@ def test_a_promote_retried_after_the_alias_moved_reports_the_promotion_once(regi
     for _ in range(2):  # the retry, and one more
         d = promote.promote(registry, v2, 0.01)
         assert d["decision"] == "promoted" and d["candidate"] == v2, d
-    tags = c.get_registered_model(name).tags
-    assert json.loads(tags[tracking.HISTORY_TAG]) == [v1, v2]
-    assert [e[:2] for e in json.loads(tags[tracking.LOG_TAG])] == [[v1, "promoted"], [v2, "promoted"]]
+    assert tracking.champion_history(c, name) == [v1, v2]
+    assert [e[:2] for e in tracking.champion_log(c, name)] == [[v1, "promoted"], [v2, "promoted"]]
     assert json.loads(c.get_model_version(name, v2).tags["lmpipe.promotion.last"])["decision"] == "promoted"
 
 
@@ -65,3 +64,39 @@ def test_the_champion_promoted_again_is_not_refused(registry, tmp_path):  # noqa
     first = promote.promote(registry, v, 0.01)
     again = promote.promote(registry, v, 0.01)
     assert first["decision"] == again["decision"] == "promoted" and again["at"] == first["at"]
+
+
+def test_the_champion_log_is_one_tag_per_event_and_the_history_replays_it(registry):  # noqa: F811
+    """Hundreds of changes of champion: no tag value grows, and the rollback stack equals a plain
+    list the test keeps by hand."""
+    c = tracking.client(registry)
+    name = registry.model_name
+    tracking.ensure_model(c, name)
+    stack, rng = [], __import__("random").Random(3)
+    for i in range(240):
+        if len(stack) >= 2 and rng.random() < 0.3:
+            current = stack.pop()
+            tracking.log_champion(c, name, stack[-1], f"rollback from v{current}", f"t{i}")
+        else:
+            stack.append(str(i))
+            tracking.log_champion(c, name, str(i), "promoted", f"t{i}")
+    tags = c.get_registered_model(name).tags
+    assert max(len(v) for v in tags.values()) < 100
+    assert tracking.champion_history(c, name) == stack
+    assert len(tracking.champion_log(c, name)) == 240
+
+
+def test_promotions_of_one_model_are_serialised(registry, tmp_path):  # noqa: F811
+    """A second promotion waits while one holds the model's lock, then decides against the new champion."""
+    import threading
+
+    v1, v2 = candidate(registry, tmp_path, "one", "20.0"), candidate(registry, tmp_path, "two", "25.0")
+    done = []
+    with promote.serialised(registry.model_name):
+        t = threading.Thread(target=lambda: done.append(promote.promote(registry, v2, 0.01)))
+        t.start()
+        t.join(timeout=3)
+        assert t.is_alive() and not done, "the promotion did not wait for the lock"
+        assert promote._promote(registry, v1, 0.01)["decision"] == "promoted"  # inside the lock
+    t.join(timeout=60)
+    assert done[0]["decision"] == "refused" and done[0]["champion"] == v1, done  # it saw v1, 25 > 20

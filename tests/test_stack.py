@@ -396,11 +396,12 @@ def faulted_run(stack, first_run, demo_corpus_dir):
     faults = Faults(stack, run_id)
     state = watch(stack, run_id, faults)
     tasks = af.task_states("lm_pipeline", run_id)
-    from registry.tracking import HISTORY_TAG
+    from registry import tracking
 
-    model = MlflowClient(stack.url("MLFLOW_PORT")).get_registered_model("lmpipe")
+    client = MlflowClient(stack.url("MLFLOW_PORT"))
+    model = client.get_registered_model("lmpipe")
     return {"run_id": run_id, "state": state, "tasks": tasks, "seen": faults.seen,
-            "history": json.loads(model.tags.get(HISTORY_TAG, "[]")), "champion": model.aliases.get("champion")}
+            "history": tracking.champion_history(client, "lmpipe"), "champion": model.aliases.get("champion")}
 
 
 @pytest.mark.slow
