@@ -69,14 +69,23 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _ppl(v, shards_sha: str) -> float | None:
+def _score(v, shards_sha: str, metric: str) -> float | None:
+    """A version's evaluation on the shard set ``shards_sha``: ``perplexity`` or ``bits_per_byte``."""
     t = v.tags
     if t.get("lmpipe.eval.shards_manifest_sha256") == shards_sha and t.get("lmpipe.eval.comparable") == "true":
-        return float(t["lmpipe.eval.perplexity"])
+        value = t.get(f"lmpipe.eval.{metric}")
+        return float(value) if value is not None else None
     return None
 
 
-def decide(c, name: str, version: str, margin: float, evaluate_missing=None) -> dict:
+def _metric(cand, champ) -> str:
+    """Perplexity between models that share a tokenizer; bits per byte, which does not depend on
+    the tokenizer, between models that do not."""
+    a, b = cand.tags.get("lmpipe.eval.tokenizer_sha256"), champ.tags.get("lmpipe.eval.tokenizer_sha256")
+    return "bits_per_byte" if a and b and a != b else "perplexity"
+
+
+def decide(c, name: str, version: str, margin: float) -> dict:
     """The gate's decision and its reasons, with the numbers compared."""
     cand = c.get_model_version(name, version)
     reasons = []
@@ -87,27 +96,29 @@ def decide(c, name: str, version: str, margin: float, evaluate_missing=None) -> 
     if checks != "true":
         reasons.append(f"data checks of its shards did not pass ({checks}: {cand.tags.get('lmpipe.data_checks')})")
     shards_sha = cand.tags.get("lmpipe.eval.shards_manifest_sha256")
-    cand_ppl = _ppl(cand, shards_sha) if shards_sha else None
+    cand_ppl = _score(cand, shards_sha, "perplexity") if shards_sha else None
     if cand_ppl is None:
         reasons.append("no comparable evaluation of the candidate: run `lmpipe evaluate` first")
     elif not math.isfinite(cand_ppl):
         reasons.append(f"its perplexity is not finite ({cand_ppl}): a diverged model is never promoted")
     champ = tracking.alias_version(c, name, tracking.CHAMPION)
-    champ_ppl = None
+    champ_ppl, metric = None, "perplexity"
     if champ is not None and str(champ.version) != str(version) and cand_ppl is not None:
-        champ_ppl = _ppl(champ, shards_sha)
-        if champ_ppl is None and evaluate_missing is not None:
-            champ_ppl = evaluate_missing(champ, cand.tags["lmpipe.eval.shards"])
-        if champ_ppl is None:
+        metric = _metric(cand, champ)
+        mine, champ_ppl = _score(cand, shards_sha, metric), _score(champ, shards_sha, metric)
+        label = "perplexity" if metric == "perplexity" else "bits per byte (another tokenizer)"
+        if champ_ppl is None or mine is None:
             reasons.append(f"champion v{champ.version} is not comparable on the candidate's shards")
-        elif not cand_ppl <= champ_ppl * (1 - margin):
-            reasons.append(f"perplexity {cand_ppl:.4f} is not better than champion v{champ.version}'s "
+        elif not mine <= champ_ppl * (1 - margin):
+            reasons.append(f"{label} {mine:.4f} is not better than champion v{champ.version}'s "
                            f"{champ_ppl:.4f} by {margin:.1%}")
+        if metric == "bits_per_byte":
+            cand_ppl = mine
     elif champ is not None and str(champ.version) == str(version):
         reasons.append(f"v{version} is already the champion")
     return {"decision": "refused" if reasons else "promoted", "reasons": reasons, "candidate": str(version),
             "candidate_perplexity": cand_ppl, "champion": champ and str(champ.version),
-            "champion_perplexity": champ_ppl, "margin": margin, "at": _now()}
+            "champion_perplexity": champ_ppl, "metric": metric, "margin": margin, "at": _now()}
 
 
 def already_promoted(c, name: str, version: str) -> dict | None:
@@ -196,7 +207,8 @@ def describe(d: dict) -> str:
         return f"promoted v{d['candidate']} to champion (an earlier attempt moved the alias; its promotion stands)"
     if d["decision"] == "promoted":
         champ = f" over champion v{d['champion']} ({d['champion_perplexity']:.4f})" if d["champion"] else " (no champion yet)"
-        return f"promoted v{d['candidate']} to champion: perplexity {d['candidate_perplexity']:.4f}{champ}"
+        what = "bits per byte" if d.get("metric") == "bits_per_byte" else "perplexity"
+        return f"promoted v{d['candidate']} to champion: {what} {d['candidate_perplexity']:.4f}{champ}"
     return f"refused to promote v{d['candidate']}: " + "; ".join(d["reasons"])
 
 

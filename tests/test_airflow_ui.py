@@ -11,13 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
 
-import psutil
 import pytest
 from airflow_live import LiveAirflow, airflow_live
 from conftest import write_jsonl
@@ -141,22 +138,14 @@ def test_trigger_from_the_ui_form_runs_the_pipeline(live):
     live["ui_run"] = run_id
 
 
-def _rank_processes(run_dir: Path) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if "training.trainer" in cmd and str(run_dir) in cmd:
-            out.append(p)
-    return out
-
-
 @pytest.mark.timeout(900)
-def test_rest_trigger_incremental_run_with_train_killed_and_cleared(live):
+def test_rest_trigger_incremental_run_whose_refusal_emits_no_asset(live):
+    """A nightly-style run over REST on the embedded Airflow. (Killed train ranks and the retry
+    that resumes are tested on the production topology, tests/test_stack.py, and in test_train.)"""
     af: LiveAirflow = live["af"]
     assert "ui_run" in live, "needs the UI run's shards and champion"
     # margin 1.0 asks for a 100% perplexity gain: promotion must refuse, and the run still succeed
-    conf = {"vocab_size": 400, "seq_len": 64, "max_steps": 9, "margin": 1.0,
-            "train_overrides": ["save_every=3", "log_every=1", "debug.step_delay_s=1.5"]}
+    conf = {"vocab_size": 400, "seq_len": 64, "max_steps": 4, "margin": 1.0, "train_overrides": ["log_every=1"]}
 
     def runs() -> int:
         return af.api("GET", "/dags/lm_pipeline/dagRuns").json()["total_entries"]
@@ -175,37 +164,9 @@ def test_rest_trigger_incremental_run_with_train_killed_and_cleared(live):
                logical_date=dt.datetime.now(dt.timezone.utc).isoformat())
     out = live["root"] / "out" / "runs" / safe_run_id(run_id)
     train_dir = out / "train"
-
-    deadline = time.monotonic() + 600
-    while not (train_dir / "checkpoints" / "step-00000003" / "COMMITTED.json").exists():
-        assert time.monotonic() < deadline, af.task_states("lm_pipeline", run_id)
-        assert af.api("GET", f"/dags/lm_pipeline/dagRuns/{run_id}").json()["state"] in ("queued", "running"), \
-            (af.task_states("lm_pipeline", run_id), af.log_tail())
-        time.sleep(1)
-    ranks = _rank_processes(train_dir)
-    assert ranks, "no training ranks found"
-    for p in ranks:
-        p.send_signal(signal.SIGKILL)  # a node dies mid-run
-
-    deadline = time.monotonic() + 300
-    while af.task_states("lm_pipeline", run_id)["train"] not in ("up_for_retry", "failed"):
-        assert time.monotonic() < deadline, af.task_states("lm_pipeline", run_id)
-        time.sleep(1)
-    r = af.api("POST", "/dags/lm_pipeline/clearTaskInstances",
-               json={"dry_run": False, "dag_run_id": run_id, "task_ids": ["train"], "only_failed": False,
-                     "include_downstream": True, "reset_dag_runs": True})
-    assert r.status_code == 200, r.text
     assert af.wait_run("lm_pipeline", run_id, timeout=600) == "success", af.log_tail()
-
     states = af.task_states("lm_pipeline", run_id)
     assert all(states[t] == "success" for t in TASKS), states
-    ti = af.api("GET", f"/dags/lm_pipeline/dagRuns/{run_id}/taskInstances/train").json()
-    assert ti["try_number"] >= 2
-    log = af.api("GET", f"/dags/lm_pipeline/dagRuns/{run_id}/taskInstances/train/logs/{ti['try_number']}",
-                 params={"full_content": True}).text
-    assert "resuming" in log and "from checkpoint step-0000000" in log, log[-3000:]
-    steps = [json.loads(x)["step"] for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 9 and 1 in steps and steps.count(1) == 1, steps  # never restarted from step 0
 
     m = json.loads((out / "shards" / "manifest.json").read_text())
     assert m["input"]["new_files"] == 1 and m["input"]["files"] == 2, m["input"]

@@ -100,3 +100,18 @@ def test_promotions_of_one_model_are_serialised(registry, tmp_path):  # noqa: F8
         assert promote._promote(registry, v1, 0.01)["decision"] == "promoted"  # inside the lock
     t.join(timeout=60)
     assert done[0]["decision"] == "refused" and done[0]["champion"] == v1, done  # it saw v1, 25 > 20
+
+
+def test_a_champion_with_another_tokenizer_is_compared_by_bits_per_byte(registry, tmp_path):  # noqa: F811
+    """Perplexities over different tokenizations are not comparable; bits per byte are."""
+    c = tracking.client(registry)
+    name = registry.model_name
+    old = candidate(registry, tmp_path, "old-tokenizer", "9.0")  # lower perplexity, but other tokens
+    new = candidate(registry, tmp_path, "new-tokenizer", "30.0")
+    for v, sha, bpb in ((old, "a" * 64, "1.60"), (new, "b" * 64, "1.20")):
+        c.set_model_version_tag(name, v, "lmpipe.eval.tokenizer_sha256", sha)
+        c.set_model_version_tag(name, v, "lmpipe.eval.bits_per_byte", bpb)
+    assert promote.promote(registry, old, 0.01)["decision"] == "promoted"
+    d = promote.promote(registry, new, 0.01)
+    assert d["decision"] == "promoted" and d["metric"] == "bits_per_byte", d
+    assert (d["candidate_perplexity"], d["champion_perplexity"]) == (1.20, 1.60)

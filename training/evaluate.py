@@ -3,8 +3,10 @@
     lmpipe evaluate --model PATH|models:/NAME/VERSION|models:/NAME@ALIAS --shards URI [--out DIR]
 
 Deterministic: the whole validation split (or its first ``max_sequences``) in manifest
-order, a fixed batch size, fp32, greedy samples. The comparison is only valid with the
-same tokenizer; a model trained with another one is reported "not comparable".
+order, a fixed batch size, fp32, greedy samples. Perplexity compares models that share the
+shards' tokenizer. Bits per byte (the summed loss in bits over the UTF-8 bytes the predicted
+tokens stand for) does not depend on the tokenizer: a model with another tokenizer is scored
+on the same text, re-encoded with its own tokenizer, and compared by bits per byte.
 """
 
 from __future__ import annotations
@@ -46,8 +48,44 @@ class EvalConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+def token_bytes(tok):
+    """UTF-8 bytes each token id of a ``tokenizers.Tokenizer`` stands for (0 for special tokens):
+    byte-level BPE pieces through the GPT-2 byte-to-character table, other pieces by decoding."""
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = set(bytes_to_unicode().values())
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    out = np.zeros(tok.get_vocab_size(), dtype=np.int64)
+    for piece, i in tok.get_vocab().items():
+        if piece not in special:
+            out[i] = len(piece) if all(c in chars for c in piece) else len(tok.decode([i]).encode("utf-8"))
+    return out
+
+
+def retokenized(row, shard_tok, shard_eos: int, model_tok, model_eos: int, limit: int) -> list[int]:
+    """One validation sequence re-encoded with another tokenizer: the same bytes and the same
+    document boundaries (the shards' EOS becomes the model's), cut to the model's context."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    back = {c: b for b, c in bytes_to_unicode().items()}
+    ids: list[int] = []
+    piece: list[int] = []
+    for t in [*row.tolist(), None]:
+        if t is not None and t != shard_eos:
+            piece.append(t)
+            continue
+        raw = bytes(back[c] for x in piece for c in shard_tok.id_to_token(x) if c in back)
+        ids += model_tok.encode(raw.decode("utf-8", errors="replace"), add_special_tokens=False).ids
+        if t is not None:
+            ids.append(model_eos)
+        piece = []
+    return ids[:limit]
+
+
 def evaluate_one(model_dir: Path, shards, cfg: EvalConfig) -> dict:
-    """Mean loss and perplexity over the validation split, plus greedy samples."""
+    """Loss, perplexity and bits per byte over the validation split, plus greedy samples."""
+    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,24 +93,36 @@ def evaluate_one(model_dir: Path, shards, cfg: EvalConfig) -> dict:
 
     want = shards.manifest["tokenizer"]["sha256"]
     have = sha256_file(model_dir / "tokenizer.json") if (model_dir / "tokenizer.json").is_file() else None
-    if have != want:
-        return {"comparable": False, "reason": f"tokenizer sha256 {have} differs from the shards' {want}"}
+    if have is None:
+        return {"comparable": False, "reason": f"{model_dir} has no tokenizer.json"}
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, torch_dtype=torch.float32)
     model.eval()
     n = len(shards) if cfg.max_sequences is None else min(cfg.max_sequences, len(shards))
-    total, count = 0.0, 0
+    from tokenizers import Tokenizer
+
+    model_tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    nbytes, same = token_bytes(model_tok), have == want
+    if not same:  # the same text, in this model's own tokens
+        shard_tok = Tokenizer.from_str(shards.store.get_bytes(shards.manifest["tokenizer"]["path"]).decode())
+        shard_eos, limit = shards.manifest["tokenizer"]["eos_id"], model.config.max_position_embeddings
+    total, count, nbytes_total = 0.0, 0, 0
     t0 = time.perf_counter()
     with torch.no_grad():
-        for start in range(0, n, cfg.batch_size):
-            import numpy as np
-
-            batch = torch.from_numpy(shards.rows(np.arange(start, min(start + cfg.batch_size, n))))
+        step = cfg.batch_size if same else 1
+        for start in range(0, n, step):
+            rows = shards.rows(np.arange(start, min(start + step, n)))
+            if same:
+                batch = torch.from_numpy(rows)
+            else:
+                batch = torch.tensor([retokenized(rows[0], shard_tok, shard_eos, model_tok, model.config.eos_token_id,
+                                                  limit)])
             logits = model(input_ids=batch[:, :-1]).logits.float()
             nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1),
                                                     reduction="sum")
             total += nll.item()
             count += batch[:, 1:].numel()
+            nbytes_total += int(nbytes[batch[:, 1:].numpy()].sum())
         tok = AutoTokenizer.from_pretrained(model_dir)
         samples = []
         for p in PROMPTS:
@@ -80,8 +130,10 @@ def evaluate_one(model_dir: Path, shards, cfg: EvalConfig) -> dict:
             out = model.generate(ids, max_new_tokens=cfg.sample_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
             samples.append({"prompt": p, "completion": tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
     loss = total / max(count, 1)
-    return {"comparable": True, "mean_loss": loss, "perplexity": math.exp(loss), "tokens": count, "sequences": n,
-            "seconds": round(time.perf_counter() - t0, 2), "samples": samples}
+    bpb = total / math.log(2) / nbytes_total if nbytes_total else float("nan")
+    return {"comparable": True, "same_tokenizer": same, "tokenizer_sha256": have, "mean_loss": loss,
+            "perplexity": math.exp(loss), "bits_per_byte": bpb, "tokens": count, "bytes": nbytes_total,
+            "sequences": n, "seconds": round(time.perf_counter() - t0, 2), "samples": samples}
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -143,13 +195,16 @@ def _record(c, name: str, version, r: dict, shards: str, manifest_sha: str) -> N
     tags = {"lmpipe.eval.shards": shards, "lmpipe.eval.shards_manifest_sha256": manifest_sha,
             "lmpipe.eval.comparable": str(r["comparable"]).lower()}
     if r["comparable"]:
-        tags.update({"lmpipe.eval.perplexity": repr(r["perplexity"]), "lmpipe.eval.mean_loss": repr(r["mean_loss"])})
+        tags.update({"lmpipe.eval.perplexity": repr(r["perplexity"]), "lmpipe.eval.mean_loss": repr(r["mean_loss"]),
+                     "lmpipe.eval.bits_per_byte": repr(r["bits_per_byte"]),
+                     "lmpipe.eval.tokenizer_sha256": r["tokenizer_sha256"]})
     for k, v in tags.items():
         c.set_model_version_tag(name, str(version), k, v)
     run_id = c.get_model_version(name, str(version)).run_id
     if run_id and r["comparable"]:
         c.log_metric(run_id, "eval_perplexity", r["perplexity"])
         c.log_metric(run_id, "eval_mean_loss", r["mean_loss"])
+        c.log_metric(run_id, "eval_bits_per_byte", r["bits_per_byte"])
 
 
 def summary(result: dict) -> str:
@@ -160,8 +215,9 @@ def summary(result: dict) -> str:
             continue
         who = f"v{r['version']}" if r.get("version") else r["ref"]
         if r["comparable"]:
-            rows.append(f"  {role:9} {who}: perplexity {r['perplexity']:.3f}, mean loss {r['mean_loss']:.4f} "
-                        f"({r['tokens']:,} tokens)")
+            ppl = f"perplexity {r['perplexity']:.3f}, " if r.get("same_tokenizer", True) else "another tokenizer: "
+            rows.append(f"  {role:9} {who}: {ppl}{r['bits_per_byte']:.4f} bits/byte, mean loss {r['mean_loss']:.4f} "
+                        f"({r['tokens']:,} tokens, {r['bytes']:,} bytes)")
         else:
             rows.append(f"  {role:9} {who}: not comparable ({r['reason']})")
     return "evaluation on " + result["shards"] + "\n" + "\n".join(rows) + f"\n  metrics: {result['metrics_path']}"
