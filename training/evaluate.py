@@ -12,6 +12,7 @@ on the same text, re-encoded with its own tokenizer, and compared by bits per by
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -52,9 +53,7 @@ def token_bytes(tok):
     """UTF-8 bytes each token id of a ``tokenizers.Tokenizer`` stands for (0 for special tokens):
     byte-level BPE pieces through the GPT-2 byte-to-character table, other pieces by decoding."""
     import numpy as np
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = set(bytes_to_unicode().values())
+    chars = set(_char_bytes())
     special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
     out = np.zeros(tok.get_vocab_size(), dtype=np.int64)
     for piece, i in tok.get_vocab().items():
@@ -63,12 +62,18 @@ def token_bytes(tok):
     return out
 
 
+@functools.cache
+def _char_bytes() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character to byte (built once, not per sequence)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
 def retokenized(row, shard_tok, shard_eos: int, model_tok, model_eos: int, limit: int) -> list[int]:
     """One validation sequence re-encoded with another tokenizer: the same bytes and the same
     document boundaries (the shards' EOS becomes the model's), cut to the model's context."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    back = {c: b for b, c in bytes_to_unicode().items()}
+    back = _char_bytes()
     ids: list[int] = []
     piece: list[int] = []
     for t in [*row.tolist(), None]:
