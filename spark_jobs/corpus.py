@@ -185,8 +185,8 @@ def _lines(stream, max_bytes: int, chunk: int = 1 << 20) -> Iterator[tuple[bytes
             buf += rest
     if dropped >= 0:
         yield None, dropped
-    elif buf:
-        yield (buf, len(buf)) if len(buf) <= max_bytes else (None, len(buf))
+    elif buf:  # never over max_bytes: the loop above drops it first
+        yield buf, len(buf)
 
 
 def _jsonl(stream, key: str, cfg: CorpusConfig, start: int = 0, end: int | None = None) -> Iterator[Record]:

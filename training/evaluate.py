@@ -53,6 +53,7 @@ def token_bytes(tok):
     """UTF-8 bytes each token id of a ``tokenizers.Tokenizer`` stands for (0 for special tokens):
     byte-level BPE pieces through the GPT-2 byte-to-character table, other pieces by decoding."""
     import numpy as np
+
     chars = set(_char_bytes())
     special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
     out = np.zeros(tok.get_vocab_size(), dtype=np.int64)
@@ -64,7 +65,7 @@ def token_bytes(tok):
 
 @functools.cache
 def _char_bytes() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, character to byte (built once, not per sequence)."""
+    """GPT-2's byte-level alphabet, character to byte (built once)."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     return {c: b for b, c in bytes_to_unicode().items()}
@@ -73,15 +74,13 @@ def _char_bytes() -> dict[str, int]:
 def retokenized(row, shard_tok, shard_eos: int, model_tok, model_eos: int, limit: int) -> list[int]:
     """One validation sequence re-encoded with another tokenizer: the same bytes and the same
     document boundaries (the shards' EOS becomes the model's), cut to the model's context."""
-    back = _char_bytes()
     ids: list[int] = []
     piece: list[int] = []
     for t in [*row.tolist(), None]:
         if t is not None and t != shard_eos:
             piece.append(t)
             continue
-        raw = bytes(back[c] for x in piece for c in shard_tok.id_to_token(x) if c in back)
-        ids += model_tok.encode(raw.decode("utf-8", errors="replace"), add_special_tokens=False).ids
+        ids += model_tok.encode(shard_tok.decode(piece), add_special_tokens=False).ids  # byte-level decode
         if t is not None:
             ids.append(model_eos)
         piece = []
@@ -92,6 +91,7 @@ def evaluate_one(model_dir: Path, shards, cfg: EvalConfig) -> dict:
     """Loss, perplexity and bits per byte over the validation split, plus greedy samples."""
     import numpy as np
     import torch
+    from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lmpipe.storage import sha256_file
@@ -104,8 +104,6 @@ def evaluate_one(model_dir: Path, shards, cfg: EvalConfig) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, torch_dtype=torch.float32)
     model.eval()
     n = len(shards) if cfg.max_sequences is None else min(cfg.max_sequences, len(shards))
-    from tokenizers import Tokenizer
-
     model_tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     nbytes, same = token_bytes(model_tok), have == want
     if not same:  # the same text, in this model's own tokens
