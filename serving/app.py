@@ -10,34 +10,13 @@ import time
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from lmpipe.errors import LmpipeError
-from serving import engine
+from serving import engine, limits
+from serving.limits import ApiError, CompletionRequest
 from serving.models import ModelManager
 
-
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
-    prompt: str | list[str]
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    echo: bool = False
-    logprobs: int | None = Field(default=None)
-    stream: bool = False
-    stream_options: dict | None = None
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+OPEN_ROUTES = ("/healthz", "/readyz", "/metrics")  # the only routes open without the key, when one is set
 
 
 def error(status: int, message: str, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
@@ -91,7 +70,9 @@ def create_app(cfg, manager: ModelManager | None = None) -> FastAPI:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.middleware("http")(_observe)
+    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     app.include_router(router)
+    _completions_route(app, cfg)
     return app
 
 
@@ -109,18 +90,66 @@ async def _invalid(_req, exc: RequestValidationError):
 
 
 async def _observe(request: Request, call_next):
-    """Auth for /v1 and /admin, and request metrics by route and status."""
+    """Auth, and request metrics by route template and status (unmatched paths share one label,
+    so junk URLs cannot grow the series)."""
     cfg, metrics = request.app.state.cfg, request.app.state.metrics
     t = time.perf_counter()
-    route = request.url.path
-    if route.startswith("/v1/") or route.startswith("/admin/"):
-        if cfg.api_key and not _authorized(request.headers.get("authorization", ""), cfg.api_key):
-            metrics.requests.labels(route, "401").inc()
-            return error(401, "Incorrect API key provided: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
+    if cfg.api_key and request.url.path not in OPEN_ROUTES \
+            and not _authorized(request.headers.get("authorization", ""), cfg.api_key):
+        metrics.requests.labels(_route(request), "401").inc()
+        return error(401, "Incorrect API key provided: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
     response = await call_next(request)
+    route = _route(request)
     metrics.requests.labels(route, str(response.status_code)).inc()
     metrics.latency.labels(route).observe(time.perf_counter() - t)
     return response
+
+
+def _route(request: Request) -> str:
+    for route in request.app.router.routes:
+        if getattr(route, "path", None) == request.url.path:
+            return route.path
+    return "unmatched"
+
+
+class BodyLimit:
+    """Refuse a request body over ``limit`` bytes with 413, before it is read whole: by its
+    Content-Length, or while it streams in when it has none. Hand-written: Starlette and
+    uvicorn have no body size limit. Past the limit the app sees a disconnect, and anything it
+    would still send is dropped."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(scope, receive, send)
+        seen, refused = 0, False
+
+        async def counted():
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                refused = True
+                await self._refuse(scope, receive, send)
+                return {"type": "http.disconnect"}
+            return message
+
+        async def guarded(message):
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counted, guarded)
+
+    async def _refuse(self, scope, receive, send):
+        msg = f"the request body is larger than the server's limit of {self.limit} bytes (max_body_bytes)"
+        await error(413, msg, None, "request_too_large")(scope, receive, send)
 
 
 router = APIRouter()
@@ -133,10 +162,10 @@ async def healthz():
 
 @router.get("/readyz")
 async def readyz(request: Request):
-    manager = request.app.state.manager
-    if manager.current is None:
-        return JSONResponse({"status": "loading", "error": manager.last_error}, status_code=503)
-    return {"status": "ready", "model": manager.current.label}
+    """Ready or not, and nothing more: the reason for not being ready is in /v1/models and the log."""
+    if request.app.state.manager.current is None:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return {"status": "ready"}
 
 
 @router.get("/metrics")
@@ -167,7 +196,15 @@ async def reload(request: Request):
     return {"reloaded": changed, "model": manager.current.label}
 
 
-@router.post("/v1/completions")
+def _completions_route(app: FastAPI, cfg) -> None:
+    """POST /v1/completions, with a request schema that carries this server's limits."""
+    async def create_completion(body, request: Request):
+        return await completions(body, request)
+
+    create_completion.__annotations__ = {"body": limits.request_model(cfg), "request": Request}
+    app.add_api_route("/v1/completions", create_completion, methods=["POST"])
+
+
 async def completions(body: CompletionRequest, request: Request):
     cfg, manager, batcher = request.app.state.cfg, request.app.state.manager, request.app.state.batcher
     cur = manager.current
@@ -176,7 +213,10 @@ async def completions(body: CompletionRequest, request: Request):
     if body.model not in (cur.name, cur.label):
         raise ApiError(404, f"The model '{body.model}' does not exist; this server serves '{cur.name}'",
                        "model", "model_not_found")
-    reqs, prompts = _build(body, cur, cfg, asyncio.get_running_loop())
+    prompts, stops = limits.check(body, cfg, cur.vocab_size)
+    ids = await asyncio.to_thread(limits.tokenize, prompts, cur.tokenizer, cfg, cur.context, body.max_tokens)
+    prompts = [p if isinstance(p, str) else cur.tokenizer.decode(p) for p in prompts]  # for echo
+    reqs = _requests(body, cur, ids, stops, asyncio.get_running_loop())
     try:
         batcher.submit(reqs)
     except engine.QueueFull as exc:
@@ -190,7 +230,7 @@ async def completions(body: CompletionRequest, request: Request):
     if any("error" in c for c in choices):
         raise ApiError(500, next(c["error"] for c in choices if "error" in c), kind="server_error")
     completion = sum(c.pop("_tokens") for c in choices)
-    prompt_tokens = sum(len(cur.tokenizer(p).input_ids) for p in prompts)
+    prompt_tokens = sum(len(x) for x in ids)
     return {"id": cid, "object": "text_completion", "created": created, "model": cur.name,
             "system_fingerprint": cur.label, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
@@ -202,35 +242,14 @@ def _authorized(header: str, key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
-def _build(body: CompletionRequest, cur, cfg, loop) -> tuple[list[engine.Request], list[str]]:
-    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-    if not prompts or any(not isinstance(p, str) for p in prompts):
-        raise ApiError(400, "'prompt' must be a string or a non-empty list of strings", "prompt")
-    if not 1 <= body.max_tokens <= cfg.max_tokens_limit:
-        raise ApiError(400, f"'max_tokens' must be between 1 and {cfg.max_tokens_limit} (got {body.max_tokens})",
-                       "max_tokens")
-    if not 1 <= body.n <= cfg.max_n:
-        raise ApiError(400, f"'n' must be between 1 and {cfg.max_n} (got {body.n})", "n")
-    if not 0 <= body.temperature <= 2:
-        raise ApiError(400, f"'temperature' must be between 0 and 2 (got {body.temperature})", "temperature")
-    if not 0 < body.top_p <= 1:
-        raise ApiError(400, f"'top_p' must be in (0, 1] (got {body.top_p})", "top_p")
-    if body.logprobs is not None and not 0 <= body.logprobs <= 5:
-        raise ApiError(400, f"'logprobs' must be between 0 and 5 (got {body.logprobs})", "logprobs")
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stops) > 4:
-        raise ApiError(400, "'stop' takes at most 4 sequences", "stop")
+def _requests(body: CompletionRequest, cur, ids: list[list[int]], stops: list[str], loop) -> list[engine.Request]:
     reqs = []
-    for pi, p in enumerate(prompts):
-        ids = cur.tokenizer(p).input_ids or [cur.tokenizer.eos_token_id]
-        if len(ids) + body.max_tokens > cur.context:
-            raise ApiError(400, f"'prompt' is {len(ids)} tokens; with max_tokens {body.max_tokens} that exceeds the "
-                                f"model's context of {cur.context} tokens", "prompt", "context_length_exceeded")
+    for pi, prompt_ids in enumerate(ids):
         for j in range(body.n):
-            seed = None if body.seed is None else body.seed + j
-            reqs.append(engine.Request(cur, ids, body.max_tokens, body.temperature, body.top_p, seed, stops,
+            seed = None if body.seed is None else (body.seed + j) % 2**64
+            reqs.append(engine.Request(cur, prompt_ids, body.max_tokens, body.temperature, body.top_p, seed, stops,
                                        body.logprobs, pi * body.n + j, loop, asyncio.Queue(), stream=body.stream))
-    return reqs, prompts
+    return reqs
 
 
 def _logprobs(tokens: list[dict], start: int, tok) -> dict:
@@ -295,7 +314,7 @@ async def _stream(request: Request, body, cur, reqs, prompts, cid: str, created:
                 completion += ev.get("completion_tokens", 0)
                 yield chunk(r.index, "", ev["finish_reason"])
         if (body.stream_options or {}).get("include_usage"):
-            pt = sum(len(cur.tokenizer(p).input_ids) for p in prompts)
+            pt = sum(len(r.prompt_ids) for r in reqs[::body.n])
             yield "data: " + engine.dumps({"id": cid, "object": "text_completion", "created": created,
                                            "model": cur.name, "choices": [],
                                            "usage": {"prompt_tokens": pt, "completion_tokens": completion,

@@ -1,11 +1,13 @@
-"""Model loading and dynamically batched generation for the transformers backend.
+"""Model loading and continuously batched generation for the transformers backend.
 
-Requests queue up; one worker thread takes up to ``max_batch`` of them (waiting at most
-``batch_wait_ms`` for company), left-pads their prompts and decodes them together with a KV
-cache, sampling each row with its own temperature, top-p and seeded generator. Tokens
-stream back to each request's asyncio queue as they are produced. A request whose client
-went away is dropped from its batch at the next step. Each request is bound to the model
-that was current when it arrived, so after a swap in-flight requests finish on the old one.
+Requests queue up; one worker thread decodes a batch of rows, one token per step for every row.
+A row that finishes (EOS, a stop string, its length, or its client went away) leaves the batch at
+the next step, and queued requests join it between steps: their prompts are prefilled and their
+KV cache is merged into the batch's. Sampling is vectorised across rows (temperature, top-p), with
+one draw per row from the row's own seeded generator, so a seeded request gives the same text
+alone or in any batch. An error in one row ends that row only. Tokens stream back to each
+request's asyncio queue as they are produced. Each request is bound to the model that was current
+when it arrived: after a swap, rows of the old model finish on it before the new model's start.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmpipe.errors import LmpipeError
+from lmpipe.log import log
+
+GREEDY_BELOW = 1e-5  # a temperature under this decodes greedily (dividing logits by it would overflow)
 
 
 class QueueFull(Exception):
@@ -41,6 +46,10 @@ class Loaded:
     @property
     def label(self) -> str:
         return f"{self.name}:v{self.version}" if self.version else self.name
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
 
 
 def load(path: Path, name: str, version: str | None) -> Loaded:
@@ -84,6 +93,30 @@ class Request:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+class Row:
+    """One request being decoded: its tokens so far, its text, and its own generator."""
+
+    def __init__(self, req: Request):
+        import torch
+
+        self.req, self.ids, self.tokens = req, [], []
+        self.text, self.sent, self.scanned = "", 0, 0
+        seed = req.seed if req.seed is not None else time.time_ns()
+        self.gen = torch.Generator().manual_seed(seed % 2**64)
+
+
+@dataclass
+class Active:
+    """The batch being decoded: its rows, their KV cache and attention mask, and each row's
+    logits for its next token."""
+
+    model: Loaded
+    rows: list[Row]
+    cache: object
+    mask: object
+    logits: object
+
+
 class Batcher:
     def __init__(self, max_batch: int = 8, max_queue: int = 64, batch_wait_ms: float = 5.0, on_tokens=None):
         self.max_batch, self.max_queue, self.wait = max_batch, max_queue, batch_wait_ms / 1000
@@ -112,98 +145,183 @@ class Batcher:
                 r.released = True
                 self._pending -= 1
 
-    def _work(self) -> None:
-        while True:
-            first = self._q.get()
-            batch, deadline = [first], time.monotonic() + self.wait
-            while len(batch) < self.max_batch:
-                try:
-                    r = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                batch.append(r)
-            # one forward pass per model: requests bound to an older model finish on it
-            for model in {id(r.model): r.model for r in batch}.values():
-                group = [r for r in batch if r.model is model]
-                try:
-                    self._decode(model, group)
-                except Exception as exc:  # report to every request; keep serving
-                    for r in group:
-                        r.emit({"error": f"{type(exc).__name__}: {exc}"})
-                finally:
-                    for r in group:
-                        self.release(r)
+    def _finish(self, r: Request, event: dict) -> None:
+        self.release(r)
+        try:
+            r.emit(event)
+        except RuntimeError:  # its event loop is gone: nobody is listening
+            pass
 
-    def _decode(self, m: Loaded, reqs: list[Request]) -> None:
+    def _fail(self, r: Request, exc: Exception) -> None:
+        log(f"request failed: {type(exc).__name__}: {exc}", level="error")
+        self._finish(r, {"error": f"{type(exc).__name__}: {exc}"})
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _work(self) -> None:
         import torch
 
-        live = [r for r in reqs if not r.cancelled.is_set()]
-        for r in reqs:
-            if r.cancelled.is_set():
-                r.emit({"done": True, "finish_reason": "cancelled"})
-        if not live:
-            return
+        act, held = None, []
+        while True:
+            incoming = held + self._take(block=act is None and not held, room=self.max_batch - (len(act.rows) if act else 0))
+            model = act.model if act else (incoming[0].model if incoming else None)
+            joining, held = [], []
+            for r in incoming:
+                if r.cancelled.is_set():
+                    self._finish(r, {"done": True, "finish_reason": "cancelled"})
+                elif r.model is model and len(joining) + (len(act.rows) if act else 0) < self.max_batch:
+                    joining.append(r)
+                else:  # another model's request, or no room: it joins a later step
+                    held.append(r)
+            try:
+                with torch.no_grad():
+                    if joining:
+                        act = self._join(act, model, joining)
+                    if act is not None:
+                        act = self._step(act)
+            except Exception as exc:  # a bug here must not stop the decoder: fail this batch, keep serving
+                for r in [row.req for row in act.rows] if act else joining:
+                    self._fail(r, exc)
+                act = None
+
+    def _take(self, block: bool, room: int) -> list[Request]:
+        """Queued requests: wait for the first (and a little for company) only when idle."""
+        got = []
+        if block:
+            got.append(self._q.get())
+            deadline = time.monotonic() + self.wait
+            while len(got) < self.max_batch:
+                try:
+                    got.append(self._q.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            return got
+        while len(got) < room:
+            try:
+                got.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        return got
+
+    def _join(self, act: Active | None, m: Loaded, reqs: list[Request]) -> Active | None:
+        """Prefill the joining prompts and merge them into the batch. A prefill that fails is
+        retried one request at a time, so only the request that breaks it fails."""
         dev = next(m.model.parameters()).device
-        pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
-        ids, mask = _left_padded([r.prompt_ids for r in live], pad)
-        ids, mask = ids.to(dev), mask.to(dev)
-        gens = [torch.Generator().manual_seed(r.seed if r.seed is not None else int(time.time_ns() % 2**31) + i)
-                for i, r in enumerate(live)]
-        state = [{"ids": [], "text": "", "sent": 0, "done": False} for _ in live]
-        with torch.no_grad():
+        try:
+            ids, mask = _left_padded([r.prompt_ids for r in reqs], _pad_id(m))
+            ids, mask = ids.to(dev), mask.to(dev)
             out = m.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                           use_cache=True)
-            for _step in range(max(r.max_tokens for r in live)):
-                logits = out.logits[:, -1, :].float().cpu()
-                logp = torch.log_softmax(logits, dim=-1)  # one batched pass; rows only pick from it
-                greedy = torch.argmax(logits, dim=-1).tolist()
-                nxt = torch.full((len(live), 1), pad, dtype=torch.long)
-                for i, r in enumerate(live):
-                    if not state[i]["done"]:
-                        nxt[i, 0] = self._next_token(m, r, state[i], logits[i], logp[i], greedy[i], gens[i])
-                self.on_tokens(sum(1 for s in state if s["ids"]))
-                if all(s["done"] for s in state):
-                    break
-                mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long, device=dev)], dim=1)
-                pos = (mask.sum(-1, keepdim=True) - 1)
-                out = m.model(input_ids=nxt.to(dev), attention_mask=mask, position_ids=pos,
-                              past_key_values=out.past_key_values, use_cache=True)
+        except Exception as exc:
+            if len(reqs) == 1:
+                self._fail(reqs[0], exc)
+                return act
+            for r in reqs:
+                act = self._join(act, m, [r])
+            return act
+        new = Active(m, [Row(r) for r in reqs], out.past_key_values, mask, out.logits[:, -1, :])
+        return new if act is None else _merge(act, new)
 
-    def _next_token(self, m: Loaded, r: Request, s: dict, logits, logp, greedy: int, gen) -> int:
-        """Sample one row's next token, stream its text, and finish the row on EOS, a stop string or length."""
-        eos = m.tokenizer.eos_token_id
+    def _step(self, act: Active) -> Active | None:
+        """Sample every row's next token, stream it, drop finished rows, and run one decode step."""
+        import torch
+
+        m = act.model
+        toks, lps, tops = sample(act.logits.float().cpu(), [row.req for row in act.rows], [row.gen for row in act.rows])
+        keep = []
+        for i, row in enumerate(act.rows):
+            try:
+                done = self._advance(m, row, int(toks[i]), float(lps[i]), tops[i])
+            except Exception as exc:  # this row's error is this row's only
+                self._fail(row.req, exc)
+                done = True
+            if not done:
+                keep.append(i)
+        self.on_tokens(len(act.rows))
+        if not keep:
+            return None
+        dev = act.mask.device
+        if len(keep) < len(act.rows):
+            idx = torch.tensor(keep, device=dev)
+            act.cache.batch_select_indices(idx)
+            act.rows, act.mask, toks = [act.rows[i] for i in keep], act.mask[idx], toks[keep]
+            act.cache, act.mask = _trim(act.cache, act.mask)
+        act.mask = torch.cat([act.mask, torch.ones((len(keep), 1), dtype=act.mask.dtype, device=dev)], dim=1)
+        try:
+            out = m.model(input_ids=toks[:, None].to(dev), attention_mask=act.mask,
+                          position_ids=act.mask.sum(-1, keepdim=True) - 1, past_key_values=act.cache, use_cache=True)
+        except Exception as exc:  # the model itself failed: every row of this step is lost
+            for row in act.rows:
+                self._fail(row.req, exc)
+            return None
+        act.cache, act.logits = out.past_key_values, out.logits[:, -1, :]
+        return act
+
+    def _advance(self, m: Loaded, row: Row, tok: int, lp: float, top) -> bool:
+        """Take one sampled token into a row: stream its text; True when the row is finished."""
+        r = row.req
         if r.cancelled.is_set():
-            s["done"] = True
-            self.release(r)
-            r.emit({"done": True, "finish_reason": "cancelled"})
-            return eos
-        tok, lp, top = _sample(logits, logp, greedy, r, gen)
-        finish = "stop" if tok == eos else None
+            self._finish(r, {"done": True, "finish_reason": "cancelled"})
+            return True
+        eos = m.tokenizer.eos_token_id
         if tok != eos:
-            s["ids"].append(tok)
+            row.ids.append(tok)
         if r.logprobs is not None:
-            s.setdefault("tokens", []).append(
-                {"token": m.tokenizer.decode([tok]) if tok != eos else "", "logprob": lp, "top": top})
+            row.tokens.append({"token": m.tokenizer.decode([tok]) if tok != eos else "", "logprob": lp, "top": top})
+        finish = "stop" if tok == eos else None
         if finish is None and (r.stream or r.stop):  # text is needed every step only for these
-            s["text"] = m.tokenizer.decode(s["ids"], skip_special_tokens=True)
-            finish = _stop_hit(s, r.stop)
-        n_out = len(s["ids"]) + (tok == eos)
+            row.text = m.tokenizer.decode(row.ids, skip_special_tokens=True)
+            finish = _stop_hit(row, r.stop)
+        n_out = len(row.ids) + (tok == eos)
         if finish is None and n_out >= r.max_tokens:
             finish = "length"
         if finish and not (r.stream or r.stop):
-            s["text"] = m.tokenizer.decode(s["ids"], skip_special_tokens=True)
+            row.text = m.tokenizer.decode(row.ids, skip_special_tokens=True)
         if r.stream:
             # hold back a possibly incomplete stop string or UTF-8 sequence
-            safe = len(s["text"]) if finish else _safe_len(s["text"], r.stop)
-            delta = s["text"][s["sent"]:safe]
-            s["sent"] = max(s["sent"], safe)
-            r.emit({"delta": delta, **(s["tokens"][-1] if r.logprobs is not None else {}), "completion_tokens": n_out})
+            safe = len(row.text) if finish else _safe_len(row.text, r.stop)
+            delta = row.text[row.sent:safe]
+            row.sent = max(row.sent, safe)
+            r.emit({"delta": delta, **(row.tokens[-1] if r.logprobs is not None else {}), "completion_tokens": n_out})
         if finish:
-            s["done"] = True
-            self.release(r)
-            r.emit({"done": True, "finish_reason": finish, "completion_tokens": n_out,
-                    "text": s["text"], "tokens": s.get("tokens", [])})
-        return tok
+            self._finish(r, {"done": True, "finish_reason": finish, "completion_tokens": n_out, "text": row.text,
+                             "tokens": row.tokens})
+        return bool(finish)
+
+
+def sample(logits, reqs: list[Request], gens: list):
+    """Each row's next token, its logprob, and its top logprobs (rows that asked for them).
+
+    Greedy rows take the argmax. The others divide by their temperature, keep their top-p
+    nucleus, and draw by inverse CDF with one uniform number from their own generator.
+    """
+    import torch
+
+    logp = torch.log_softmax(logits, dim=-1)
+    toks = torch.argmax(logits, dim=-1)
+    temps = torch.tensor([r.temperature for r in reqs], dtype=logits.dtype)
+    rows = torch.nonzero(temps >= GREEDY_BELOW).squeeze(1)
+    if len(rows):
+        top_p = torch.tensor([reqs[i].top_p for i in rows.tolist()], dtype=logits.dtype)
+        probs = torch.softmax(logits[rows] / temps[rows, None], dim=-1)
+        sp, si = torch.sort(probs, dim=-1, descending=True)
+        sp = sp * ((torch.cumsum(sp, dim=-1) - sp) < top_p[:, None])
+        cdf = torch.cumsum(sp, dim=-1)
+        u = torch.stack([torch.rand((), generator=gens[i], dtype=cdf.dtype) for i in rows.tolist()]) * cdf[:, -1]
+        pick = torch.searchsorted(cdf, u[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
+        toks[rows] = si.gather(1, pick).squeeze(1)
+    lps = logp.gather(1, toks[:, None]).squeeze(1)
+    tops = [None] * len(reqs)
+    k = max((r.logprobs or 0) for r in reqs)
+    if k:
+        vals, idx = torch.topk(logp, k, dim=-1)
+        for i, r in enumerate(reqs):
+            if r.logprobs:
+                tops[i] = {int(t): float(v) for v, t in zip(vals[i, :r.logprobs], idx[i, :r.logprobs])}
+    return toks, lps, tops
+
+
+def _pad_id(m: Loaded) -> int:
+    return m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
 
 
 def _left_padded(prompts: list[list[int]], pad: int):
@@ -219,43 +337,64 @@ def _left_padded(prompts: list[list[int]], pad: int):
     return ids, mask
 
 
-def _stop_hit(s: dict, stops: list[str]) -> str | None:
+def _layers(cache) -> list[tuple]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _cache(layers: list[tuple]):
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def _merge(a: Active, b: Active) -> Active:
+    """One batch of both: the shorter side is left-padded (masked) to the longer's length."""
+    import torch
+    import torch.nn.functional as F
+
+    width = max(a.mask.shape[1], b.mask.shape[1])
+
+    def lpad(t, dim_from_end: int):
+        n = width - t.shape[-dim_from_end]
+        if not n:
+            return t
+        pad = [0, 0] * (dim_from_end - 1) + [n, 0]
+        return F.pad(t, pad)
+
+    layers = [(torch.cat([lpad(ka, 2), lpad(kb, 2)]), torch.cat([lpad(va, 2), lpad(vb, 2)]))
+              for (ka, va), (kb, vb) in zip(_layers(a.cache), _layers(b.cache))]
+    mask = torch.cat([lpad(a.mask, 1), lpad(b.mask, 1)])
+    return Active(a.model, a.rows + b.rows, _cache(layers), mask, torch.cat([a.logits, b.logits]))
+
+
+def _trim(cache, mask):
+    """Drop leading columns that no remaining row attends to (left by rows that left)."""
+    used = mask.any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else 0
+    if start == 0:
+        return cache, mask
+    return _cache([(k[:, :, start:], v[:, :, start:]) for k, v in _layers(cache)]), mask[:, start:]
+
+
+def _stop_hit(row: Row, stops: list[str]) -> str | None:
+    """Find a stop string in the text new since the last check (plus a stop's length of overlap)."""
     for stop in stops:
-        cut = s["text"].find(stop)
+        cut = row.text.find(stop, max(0, row.scanned - len(stop)))
         if cut >= 0:
-            s["text"] = s["text"][:cut]
+            row.text = row.text[:cut]
             return "stop"
+    row.scanned = max(0, len(row.text) - 4)  # a re-decode may rewrite the last few characters
     return None
 
 
 def _safe_len(text: str, stops: list[str]) -> int:
     n = len(text.rstrip("\ufffd"))
     for stop in stops:
-        for k in range(len(stop) - 1, 0, -1):
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
             if text.endswith(stop[:k]):
                 n = min(n, len(text) - k)
                 break
     return n
-
-
-def _sample(logits, logp, greedy: int, r: Request, gen):
-    import torch
-
-    if r.temperature == 0:
-        tok = greedy
-    else:
-        probs = torch.softmax(logits / r.temperature, dim=-1)
-        if r.top_p < 1.0:
-            sp, si = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sp, 0) - sp < r.top_p
-            probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-            probs = probs / probs.sum()
-        tok = int(torch.multinomial(probs, 1, generator=gen))
-    top = None
-    if r.logprobs:
-        vals, idx = torch.topk(logp, r.logprobs)
-        top = {int(i): float(v) for v, i in zip(vals, idx)}
-    return tok, float(logp[tok]), top
 
 
 _ids = itertools.count()

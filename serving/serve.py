@@ -31,6 +31,11 @@ class ServeConfig:
     backend: Literal["transformers", "vllm"] = "transformers"  # the built-in server runs transformers; vllm prints how to serve the export with vLLM
     max_tokens_limit: int = 512  # largest max_tokens a request may ask for
     max_n: int = 4  # largest n (completions per prompt) a request may ask for
+    max_prompts: int = 16  # prompts in one request
+    max_prompt_tokens: int = 8192  # prompt tokens in one request, all prompts together
+    max_stop_sequences: int = 4  # stop strings in one request
+    max_stop_chars: int = 128  # characters in one stop string
+    max_body_bytes: int = 1_048_576  # request body size; past it, 413 before the body is read
     max_batch: int = 8  # requests decoded together
     batch_wait_ms: float = 5.0  # how long the first request waits for company
     max_queue: int = 64  # requests queued or decoding; past it, 429
