@@ -23,9 +23,7 @@ from pathlib import Path
 
 from lmpipe.errors import LmpipeError
 from lmpipe.log import log
-
-GREEDY_BELOW = 1e-5  # a temperature under this decodes greedily (dividing logits by it would overflow)
-
+from serving.sampling import safe_len, sample, stop_hit
 
 class QueueFull(Exception):
     pass
@@ -270,7 +268,7 @@ class Batcher:
         finish = "stop" if tok == eos else None
         if finish is None and (r.stream or r.stop):  # text is needed every step only for these
             row.text = m.tokenizer.decode(row.ids, skip_special_tokens=True)
-            finish = _stop_hit(row, r.stop)
+            finish = stop_hit(row, r.stop)
         n_out = len(row.ids) + (tok == eos)
         if finish is None and n_out >= r.max_tokens:
             finish = "length"
@@ -278,7 +276,7 @@ class Batcher:
             row.text = m.tokenizer.decode(row.ids, skip_special_tokens=True)
         if r.stream:
             # hold back a possibly incomplete stop string or UTF-8 sequence
-            safe = len(row.text) if finish else _safe_len(row.text, r.stop)
+            safe = len(row.text) if finish else safe_len(row.text, r.stop)
             delta = row.text[row.sent:safe]
             row.sent = max(row.sent, safe)
             r.emit({"delta": delta, **(row.tokens[-1] if r.logprobs is not None else {}), "completion_tokens": n_out})
@@ -286,38 +284,6 @@ class Batcher:
             self._finish(r, {"done": True, "finish_reason": finish, "completion_tokens": n_out, "text": row.text,
                              "tokens": row.tokens})
         return bool(finish)
-
-
-def sample(logits, reqs: list[Request], gens: list):
-    """Each row's next token, its logprob, and its top logprobs (rows that asked for them).
-
-    Greedy rows take the argmax. The others divide by their temperature, keep their top-p
-    nucleus, and draw by inverse CDF with one uniform number from their own generator.
-    """
-    import torch
-
-    logp = torch.log_softmax(logits, dim=-1)
-    toks = torch.argmax(logits, dim=-1)
-    temps = torch.tensor([r.temperature for r in reqs], dtype=logits.dtype)
-    rows = torch.nonzero(temps >= GREEDY_BELOW).squeeze(1)
-    if len(rows):
-        top_p = torch.tensor([reqs[i].top_p for i in rows.tolist()], dtype=logits.dtype)
-        probs = torch.softmax(logits[rows] / temps[rows, None], dim=-1)
-        sp, si = torch.sort(probs, dim=-1, descending=True)
-        sp = sp * ((torch.cumsum(sp, dim=-1) - sp) < top_p[:, None])
-        cdf = torch.cumsum(sp, dim=-1)
-        u = torch.stack([torch.rand((), generator=gens[i], dtype=cdf.dtype) for i in rows.tolist()]) * cdf[:, -1]
-        pick = torch.searchsorted(cdf, u[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
-        toks[rows] = si.gather(1, pick).squeeze(1)
-    lps = logp.gather(1, toks[:, None]).squeeze(1)
-    tops = [None] * len(reqs)
-    k = max((r.logprobs or 0) for r in reqs)
-    if k:
-        vals, idx = torch.topk(logp, k, dim=-1)
-        for i, r in enumerate(reqs):
-            if r.logprobs:
-                tops[i] = {int(t): float(v) for v, t in zip(vals[i, :r.logprobs], idx[i, :r.logprobs])}
-    return toks, lps, tops
 
 
 def _pad_id(m: Loaded) -> int:
@@ -374,27 +340,6 @@ def _trim(cache, mask):
     if start == 0:
         return cache, mask
     return _cache([(k[:, :, start:], v[:, :, start:]) for k, v in _layers(cache)]), mask[:, start:]
-
-
-def _stop_hit(row: Row, stops: list[str]) -> str | None:
-    """Find a stop string in the text new since the last check (plus a stop's length of overlap)."""
-    for stop in stops:
-        cut = row.text.find(stop, max(0, row.scanned - len(stop)))
-        if cut >= 0:
-            row.text = row.text[:cut]
-            return "stop"
-    row.scanned = max(0, len(row.text) - 4)  # a re-decode may rewrite the last few characters
-    return None
-
-
-def _safe_len(text: str, stops: list[str]) -> int:
-    n = len(text.rstrip("\ufffd"))
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                n = min(n, len(text) - k)
-                break
-    return n
 
 
 _ids = itertools.count()

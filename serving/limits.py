@@ -40,7 +40,7 @@ def request_model(cfg) -> type[CompletionRequest]:
     return create_model(
         "CompletionRequest", __base__=CompletionRequest,
         prompt=(str | Annotated[list[str], nonempty] | ids | Annotated[list[ids], nonempty], ...),
-        max_tokens=(int, Field(16, ge=1, le=cfg.max_tokens_limit)),
+        max_tokens=(int, Field(16, ge=0, le=cfg.max_tokens_limit)),  # 0: echo only
         temperature=(float, Field(1.0, ge=0, le=2)),
         top_p=(float, Field(1.0, gt=0, le=1)),
         n=(int, Field(1, ge=1, le=cfg.max_n)),
@@ -94,9 +94,11 @@ def check(body: CompletionRequest, cfg, vocab_size: int) -> tuple[list, list[str
 
 
 def _ranges(body: CompletionRequest, cfg) -> None:
-    if not 1 <= body.max_tokens <= cfg.max_tokens_limit:
-        raise ApiError(400, f"'max_tokens' must be between 1 and {cfg.max_tokens_limit} (got {body.max_tokens})",
-                       "max_tokens")
+    if not 1 <= body.max_tokens <= cfg.max_tokens_limit and not (body.max_tokens == 0 and body.echo):
+        raise ApiError(400, f"'max_tokens' must be between 1 and {cfg.max_tokens_limit}, or 0 with echo "
+                            f"(got {body.max_tokens})", "max_tokens")
+    if body.max_tokens == 0 and body.stream:
+        raise ApiError(400, "'max_tokens' 0 (echo only) cannot stream", "max_tokens")
     if not 1 <= body.n <= cfg.max_n:
         raise ApiError(400, f"'n' must be between 1 and {cfg.max_n} (got {body.n})", "n")
     if not 0 <= body.temperature <= 2:

@@ -56,8 +56,10 @@ def test_openai_client_completes_streams_and_reports_usage(exports):
         assert sorted(c.index for c in multi.choices) == [0, 1, 2, 3]
         assert multi.choices[0].text.startswith("x = ") and multi.choices[3].text.startswith("y = ")
         lp = multi.choices[0].logprobs
-        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) <= 4
-        assert all(len(t) <= 2 for t in lp.top_logprobs)
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
+        # echo: the prompt's tokens come first, the first with no logprob, then at most 4 generated
+        assert lp.token_logprobs[0] is None and "".join(lp.tokens).startswith("x = ")
+        assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
 
         full = client.completions.create(model="a", prompt="class ", max_tokens=20, temperature=0).choices[0].text
         if len(full) > 6:

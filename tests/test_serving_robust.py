@@ -247,3 +247,42 @@ def test_schemathesis_finds_no_server_error(export, tmp_path):
     assert r.returncode == 0, out[-6000:]
     assert "Test cases:" in out and "generated" in out, out[-3000:]
     assert tokens > 0, "no fuzzed request reached the decoder"
+
+
+def test_prompt_logprobs_and_tokenizer_endpoints_match_transformers(export):
+    """What lm-evaluation-harness's local-completions model sends (echo, logprobs, max_tokens 0
+    or 1) gets the prompt's own token logprobs, checked against a forward pass with transformers;
+    /tokenize and /detokenize agree with the tokenizer itself."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(export)
+    model = AutoModelForCausalLM.from_pretrained(export).eval()
+    prompt = "def add(a, b):\n    return a + b"
+    ids = tok(prompt).input_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    expected = [logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+    with running(serve_cfg(export)) as base:
+        zero = complete(base, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0).json()
+        choice = zero["choices"][0]
+        assert choice["text"] == prompt and zero["usage"]["completion_tokens"] == 0
+        lp = choice["logprobs"]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)
+        assert "".join(lp["tokens"]) == prompt and lp["text_offset"][-1] == len(prompt) - len(lp["tokens"][-1])
+        one = complete(base, prompt=[ids], max_tokens=1, echo=True, logprobs=1, temperature=0).json()
+        lp1 = one["choices"][0]["logprobs"]
+        assert len(lp1["token_logprobs"]) == len(ids) + 1  # the prompt's, then the one generated token
+        assert lp1["token_logprobs"][1:len(ids)] == pytest.approx(expected, abs=1e-4)
+        greedy = int(torch.argmax(model(torch.tensor([ids])).logits[0, -1]))
+        assert lp1["tokens"][-1] == tok.decode([greedy])
+        assert complete(base, prompt="x", max_tokens=0).status_code == 400  # 0 needs echo
+
+        t = httpx.post(base + "/tokenize", json={"model": "m", "prompt": prompt}).json()
+        assert t["tokens"] == ids and t["count"] == len(ids) and t["max_model_len"] == 2304
+        assert httpx.post(base + "/detokenize", json={"tokens": ids}).json()["prompt"] == tok.decode(ids)
+        bad = httpx.post(base + "/detokenize", json={"tokens": [10**6]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+        info = httpx.get(base + "/tokenizer_info").json()
+        assert info["eos_token"] == tok.eos_token and info["model_max_length"] == 2304
