@@ -52,6 +52,8 @@ SETTINGS = {s.name: s for s in [
     Setting("LMPIPE_SERVE_URL", "http://127.0.0.1:8000", "base URL of the serving job (lm_serving_rollout)"),
     Setting("LMPIPE_MLFLOW_UI", "http://127.0.0.1:5000", "MLflow UI address printed in task logs (when the tracking URI is not http)"),
     Setting("LMPIPE_API_KEY", None, "API key the serving job requires, and clients send"),
+    Setting("LMPIPE_REDIS_URL", None, "Redis for the serving job's response cache, shared by its replicas "
+            "(default: an in-process LRU per replica)"),
     Setting("LMPIPE_CHECKPOINT_KEY", None, "secret that signs and verifies checkpoint markers; every trainer of a run "
             "needs the same one (default: a key made once in LMPIPE_HOME/checkpoint.key)"),
     Setting("LMPIPE_SPARK_LOG_LEVEL", "WARN", "Spark log level in lmpipe's Spark jobs"),
@@ -66,7 +68,8 @@ SETTINGS = {s.name: s for s in [
     Setting("SPARK_UI_PORT", "8090", "the Spark standalone master's web UI", "stack"),
     Setting("SPARK_MASTER_PORT", "7077", "the Spark standalone master (spark://)", "stack"),
     Setting("POSTGRES_PORT", "5432", "PostgreSQL: Airflow's metadata DB and MLflow's backend store", "stack"),
-    Setting("REDIS_PORT", "6379", "Redis: the Celery broker of Airflow's workers", "stack"),
+    Setting("REDIS_PORT", "6379", "Redis: the Celery broker of Airflow's workers (database 0) and the serving "
+            "job's response cache (1)", "stack"),
     Setting("SPARK_WORKER_CORES", "2", "cores each Spark worker offers", "stack"),
     Setting("SPARK_WORKER_MEMORY", "4g", "memory each Spark worker offers", "stack"),
     Setting("AIRFLOW_ADMIN_USER", "admin", "the Airflow UI's admin login", "stack"),

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from lmpipe.errors import LmpipeError
 from serving import completions, engine, tokens
+from serving.cache import ResponseCache
 from serving.limits import ApiError
 from serving.models import ModelManager
 
@@ -38,6 +39,10 @@ class Metrics:
         self.reload_failures = Counter("lmpipe_reload_failures_total",
                                        "Reloads that failed (the old model kept serving)", registry=reg)
         self.reloads = Counter("lmpipe_reloads_total", "Reloads that swapped in a new model", registry=reg)
+        self.cache_hits = Counter("lmpipe_cache_hits_total", "Completions answered from the response cache",
+                                  registry=reg)
+        self.cache_misses = Counter("lmpipe_cache_misses_total", "Cacheable completions not in the cache",
+                                    registry=reg)
 
     def swapped(self, old, new) -> None:
         if old is not None:
@@ -56,7 +61,13 @@ def create_app(cfg, manager: ModelManager | None = None) -> FastAPI:
     metrics = Metrics()
     batcher = engine.Batcher(cfg.max_batch, cfg.max_queue, cfg.batch_wait_ms, on_tokens=metrics.tokens.inc)
     manager = manager or ModelManager(cfg)
-    manager.on_swap = metrics.swapped
+    cache = ResponseCache(cfg.redis_url, cfg.cache_entries, cfg.cache_ttl_s, metrics)
+
+    def swapped(old, new):
+        metrics.swapped(old, new)
+        cache.clear()
+
+    manager.on_swap = swapped
     manager.on_failure = lambda exc: metrics.reload_failures.inc()
 
     @contextlib.asynccontextmanager
@@ -67,6 +78,7 @@ def create_app(cfg, manager: ModelManager | None = None) -> FastAPI:
 
     app = FastAPI(title="lmpipe", version="1", lifespan=lifespan)
     app.state.cfg, app.state.manager, app.state.batcher, app.state.metrics = cfg, manager, batcher, metrics
+    app.state.cache = cache
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.middleware("http")(_observe)

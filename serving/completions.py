@@ -31,6 +31,9 @@ async def completions(body: CompletionRequest, request: Request):
         raise ApiError(404, f"The model '{body.model}' does not exist; this server serves '{cur.name}'",
                        "model", "model_not_found")
     prompts, stops = limits.check(body, cfg, cur.vocab_size)
+    cache, key = request.app.state.cache, request.app.state.cache.key(cur, body)
+    if key and (hit := await cache.get(key)) is not None:
+        return {**hit, "id": engine.completion_id(), "created": int(time.time())}
     ids = await asyncio.to_thread(limits.tokenize, prompts, cur.tokenizer, cfg, cur.context, body.max_tokens)
     prompts = [p if isinstance(p, str) else cur.tokenizer.decode(p) for p in prompts]  # for echo
     scored = None
@@ -54,10 +57,13 @@ async def completions(body: CompletionRequest, request: Request):
         raise ApiError(500, next(c["error"] for c in choices if "error" in c), kind="server_error")
     completion = sum(c.pop("_tokens") for c in choices)
     prompt_tokens = sum(len(x) for x in ids)
-    return {"id": cid, "object": "text_completion", "created": created, "model": cur.name,
-            "system_fingerprint": cur.label, "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion}}
+    response = {"id": cid, "object": "text_completion", "created": created, "model": cur.name,
+                "system_fingerprint": cur.label, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                          "total_tokens": prompt_tokens + completion}}
+    if key:
+        await cache.put(key, response)
+    return response
 
 
 def _requests(body: CompletionRequest, cur, ids: list[list[int]], stops: list[str], loop) -> list[engine.Request]:

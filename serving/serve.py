@@ -39,6 +39,9 @@ class ServeConfig:
     max_batch: int = 8  # requests decoded together
     batch_wait_ms: float = 5.0  # how long the first request waits for company
     max_queue: int = 64  # requests queued or decoding; past it, 429
+    cache_entries: int = 1024  # responses of deterministic requests kept in-process (0 and no Redis: no cache)
+    cache_ttl_s: int = 3600  # how long Redis keeps a cached response
+    redis_url: str | None = None  # default: $LMPIPE_REDIS_URL; Redis for the response cache, shared by replicas
     watch_interval_s: float = 10.0  # registry alias polling (0: only /admin/reload)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -47,6 +50,8 @@ class ServeConfig:
 def resolve(cfg: ServeConfig) -> ServeConfig:
     if cfg.api_key is None and settings.get("LMPIPE_API_KEY"):
         cfg.api_key = settings.get("LMPIPE_API_KEY")
+    if cfg.redis_url is None and settings.get("LMPIPE_REDIS_URL"):
+        cfg.redis_url = settings.get("LMPIPE_REDIS_URL")
     if cfg.backend == "vllm":
         try:
             import vllm  # noqa: F401

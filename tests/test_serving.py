@@ -215,3 +215,87 @@ def test_alias_moves_under_load_with_zero_failures_and_broken_versions_are_kept_
         r = httpx.post(base + "/admin/reload", headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
         assert r.status_code == 200 and r.json()["model"] == f"servetest:v{va}"
         assert httpx.post(base + "/admin/reload", timeout=10).status_code == 401
+
+
+def cache_counts(base: str) -> tuple[float, float]:
+    return metric(base, "lmpipe_cache_hits_total"), metric(base, "lmpipe_cache_misses_total")
+
+
+def test_deterministic_requests_are_cached_per_version_and_others_never(exports):
+    cfg = tracking.TrackingConfig(model_name="cachetest")
+    c = tracking.client(cfg)
+    va, vb = (register(exports[k], "cachetest", cfg) for k in ("a", "b"))
+    c.set_registered_model_alias("cachetest", "champion", va)
+    with running(serve_cfg(model="models:/cachetest@champion")) as base:
+        greedy = {"model": "cachetest", "prompt": "def add(", "max_tokens": 12, "temperature": 0}
+        first = httpx.post(base + "/v1/completions", json=greedy, timeout=60).json()
+        tokens = metric(base, "lmpipe_tokens_generated_total")
+        again = httpx.post(base + "/v1/completions", json=greedy, timeout=60).json()
+        assert again["choices"] == first["choices"] and again["id"] != first["id"]
+        assert cache_counts(base) == (1, 1)
+        assert metric(base, "lmpipe_tokens_generated_total") == tokens  # the hit decoded nothing
+        seeded = {**greedy, "temperature": 0.9, "seed": 3}
+        for _ in range(2):
+            httpx.post(base + "/v1/completions", json=seeded, timeout=60)
+        assert cache_counts(base) == (2, 2)
+        for _ in range(2):  # sampled without a seed: never cached, never counted
+            httpx.post(base + "/v1/completions", json={**seeded, "seed": None}, timeout=60)
+        assert cache_counts(base) == (2, 2)
+
+        c.set_registered_model_alias("cachetest", "champion", vb)  # a new version: none of the old entries
+        assert httpx.post(base + "/admin/reload", timeout=60).json()["model"] == f"cachetest:v{vb}"
+        new = httpx.post(base + "/v1/completions", json=greedy, timeout=60).json()
+        assert new["system_fingerprint"] == f"cachetest:v{vb}" and cache_counts(base) == (2, 3)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """Debian's redis-server on a free loopback port, stopped by its pid."""
+    import subprocess
+
+    from serving_helpers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    import redis
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            redis.Redis(port=port, socket_timeout=1).ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
+            time.sleep(0.1)
+    yield {"url": f"redis://127.0.0.1:{port}/1", "proc": proc}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_replicas_share_the_cache_in_redis_and_serve_on_when_it_is_gone(exports, redis_server):
+    import redis
+
+    greedy = {"model": "a", "prompt": "class ", "max_tokens": 10, "temperature": 0}
+    with running(serve_cfg(model=str(exports["a"]), redis_url=redis_server["url"])) as one, \
+            running(serve_cfg(model=str(exports["a"]), redis_url=redis_server["url"])) as two:
+        first = httpx.post(one + "/v1/completions", json=greedy, timeout=60).json()
+        assert cache_counts(one) == (0, 1)
+        keys = redis.Redis.from_url(redis_server["url"]).keys("lmpipe:completion:*")
+        assert len(keys) == 1 and redis.Redis.from_url(redis_server["url"]).ttl(keys[0]) > 0
+        # the other replica loaded the same folder at another time: for a folder, the load is the version
+        httpx.post(two + "/v1/completions", json=greedy, timeout=60)
+        assert cache_counts(two) == (0, 1)
+    cfg = tracking.TrackingConfig(model_name="redistest")
+    v = register(exports["a"], "redistest", cfg)
+    tracking.client(cfg).set_registered_model_alias("redistest", "champion", v)
+    greedy["model"] = "redistest"
+    with running(serve_cfg(model="models:/redistest@champion", redis_url=redis_server["url"])) as one, \
+            running(serve_cfg(model="models:/redistest@champion", redis_url=redis_server["url"])) as two:
+        first = httpx.post(one + "/v1/completions", json=greedy, timeout=60).json()
+        second = httpx.post(two + "/v1/completions", json=greedy, timeout=60).json()
+        assert cache_counts(two) == (1, 0) and second["choices"] == first["choices"]  # one version, one entry
+        redis_server["proc"].terminate()
+        redis_server["proc"].wait(timeout=30)
+        r = httpx.post(two + "/v1/completions", json={**greedy, "prompt": "import"}, timeout=60)
+        assert r.status_code == 200 and cache_counts(two) == (1, 1)  # Redis gone: a miss, never a failure

@@ -248,10 +248,12 @@ def mlflow(state: State, sec: dict) -> None:
 
 
 def serving(state: State, sec: dict) -> None:
-    """The serving job on the registry's champion alias, which it watches."""
+    """The serving job on the registry's champion alias, which it watches; its response cache is
+    in the stack's Redis (database 1; Celery's broker is database 0)."""
     start(state, Proc("serving", [
         sys.executable, "-m", "lmpipe.cli", "serve", "--model", "models:/lmpipe@champion", "--host", "127.0.0.1",
         "--port", str(port("SERVING_PORT")), "watch_interval_s=5"],
         env=clean_env(MLFLOW_TRACKING_URI=url("MLFLOW_PORT"), LMPIPE_API_KEY=sec["LMPIPE_API_KEY"],
+                      LMPIPE_REDIS_URL=f"redis://127.0.0.1:{port('REDIS_PORT')}/1",  # the response cache
                       LMPIPE_HOME=str(settings.home())), port=port("SERVING_PORT")))
     wait(state, "serving", lambda: http_ok(url("SERVING_PORT") + "/healthz"), timeout=180)
