@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 # The DAGs' task bodies live in a package in the DAG folder, which Airflow puts on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dags"))
 
@@ -86,6 +88,32 @@ def real_shards(tmp_path_factory, demo_corpus_dir) -> Path:
         "shard_sequences": 500, "validation_fraction": 0.1, "partition_mb": 1,
         "tokenizer": {"vocab_size": 400, "train_sample_mb": 1}}))
     return out
+
+
+DEMO_LABELS = ("Airflow UI:", "MLflow UI:", "Models:", "Serve it:")
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """``make demo`` once, in a fresh LMPIPE_HOME: the README's first command, whose
+    ``airflow dags test`` run of lm_pipeline on the stages' defaults is also what
+    test_pipeline_dag checks end to end. Tests only read what it left."""
+    import subprocess
+
+    home = tmp_path_factory.mktemp("demo") / "lmpipe"
+    env = {**os.environ, "LMPIPE_HOME": str(home), "DEMO_MB": "1", "DEMO_STEPS": "4"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    r = subprocess.run(["make", "-C", str(REPO), "demo", f"PYTHON={sys.executable}"], env=env, capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    printed = {}
+    for line in r.stdout.splitlines():
+        for label in DEMO_LABELS:
+            if line.startswith(label):
+                printed[label] = line[len(label):].strip()
+    assert set(printed) == set(DEMO_LABELS), r.stdout[-3000:]
+    return {"home": home, "out": r.stdout, "log": r.stdout + r.stderr, "commands": printed,
+            "shell_home": home.parent}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,24 +19,6 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-LABELS = ("Airflow UI:", "MLflow UI:", "Models:", "Serve it:")
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    home = tmp_path_factory.mktemp("demo") / "lmpipe"
-    env = {**os.environ, "LMPIPE_HOME": str(home), "DEMO_MB": "1", "DEMO_STEPS": "4"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    r = subprocess.run(["make", "-C", str(REPO), "demo", f"PYTHON={sys.executable}"], env=env, capture_output=True,
-                       text=True, timeout=1200)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    printed = {}
-    for line in r.stdout.splitlines():
-        for label in LABELS:
-            if line.startswith(label):
-                printed[label] = line[len(label):].strip()
-    assert set(printed) == set(LABELS), r.stdout[-3000:]
-    return {"home": home, "out": r.stdout, "commands": printed, "shell_home": home.parent}
 
 
 def fresh_shell(command: str, home: Path, **kw) -> subprocess.Popen:

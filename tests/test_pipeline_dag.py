@@ -1,5 +1,8 @@
 """lm_pipeline end to end under ``airflow dags test``: real Airflow (SQLite metadata DB), real
-spark-submit on local[2], real DeepSpeed ranks, real MLflow registry."""
+spark-submit on local[2], real DeepSpeed ranks, real MLflow registry.
+
+The end-to-end run on the stages' defaults is the one ``make demo`` makes (the shared ``demo``
+fixture); the refusals, the corrupt shard and the rollout run in an Airflow home of their own."""
 
 import json
 import os
@@ -77,20 +80,20 @@ def af(tmp_path_factory, demo_corpus_dir):
 
 
 @pytest.fixture(scope="module")
-def first_run(af):
-    root, env = af["root"], af["env"]
-    output = f"{root}/out"
-    r = airflow(env, "dags", "test", "lm_pipeline", "-c", conf(af["corpus"], output), timeout=900)
-    log = r.stdout + r.stderr
-    (root / "first_run.log").write_text(log)
-    return {"rc": r.returncode, "log": log, "output": output, "run": runs(env)[-1]}
+def first_run(demo):
+    """The demo's ``airflow dags test`` run of lm_pipeline on the stages' defaults (read only)."""
+    from lmpipe_airflow.demo import airflow_env
+
+    env = {**airflow_env(demo["home"]), "HOME": str(demo["shell_home"])}
+    return {"log": demo["log"], "output": env["LMPIPE_OUTPUT"], "run": runs(env)[0], "env": env,
+            "home": demo["home"]}
 
 
-def test_dags_test_runs_end_to_end_and_leaves_a_champion(af, first_run):
+def test_dags_test_runs_end_to_end_and_leaves_a_champion(first_run):
     run, log = first_run["run"], first_run["log"]
     assert run["state"] == "success", log[-6000:]
-    assert set(task_states(af["env"], run["run_id"]).values()) == {"success"}
-    assert champion(af["env"]) is not None
+    assert set(task_states(first_run["env"], run["run_id"]).values()) == {"success"}
+    assert champion(first_run["env"]) is not None
     out = Path(first_run["output"]) / "runs" / run["run_id"].replace(":", "_").replace("+", "_")
     assert json.loads((out / "COMPLETED.json").read_text())["decision"] == "promoted"
     assert (out / "shards" / "manifest.json").is_file() and (out / "train" / "export" / "model.safetensors").is_file()
@@ -101,32 +104,33 @@ def test_dags_test_runs_end_to_end_and_leaves_a_champion(af, first_run):
     assert "promotion promoted" in log
 
 
-def test_every_stage_writes_its_resolved_config_and_its_outputs_point_at_it(af, first_run):
+def test_every_stage_writes_its_resolved_config_and_its_outputs_point_at_it(first_run):
     import hashlib
 
     import yaml
 
     from lmpipe_airflow.lm_pipeline import safe_run_id
     from registry import tracking
+    from spark_jobs.config import TokenizeConfig
 
     assert first_run["run"]["state"] == "success"
     out = Path(first_run["output"]) / "runs" / safe_run_id(first_run["run"]["run_id"])
     run_config = yaml.safe_load((out / "run_config.yaml").read_text())
-    assert run_config["tokenize"]["seq_len"] == 64 and run_config["train"]["launch"]["nproc"] == 2
-    # the text field set in tokenize_overrides reached the corpus gate too
-    assert json.loads((out / "checks" / "corpus" / "result.json").read_text())["config"]["reader"]["text_field"] == "content"
+    # the stages' own defaults, the one param the demo sets, and the recipe's values
+    assert run_config["tokenize"]["seq_len"] == TokenizeConfig().seq_len
+    assert run_config["train"]["max_steps"] == 4  # DEMO_STEPS, the one param the demo sets
     m = json.loads((out / "shards" / "manifest.json").read_text())
-    assert json.loads((out / "shards" / m["config_file"]).read_text())["reader"]["text_field"] == "content"
+    assert json.loads((out / "shards" / m["config_file"]).read_text())["seq_len"] == TokenizeConfig().seq_len
     marker_file = sorted((out / "train" / "checkpoints").glob("step-*/COMMITTED.json"))[-1]
     marker = json.loads(marker_file.read_text())
     config = (marker_file.parent / marker["config"]).resolve()
     assert config == out / "train" / "train_config.json"
     assert hashlib.sha256(config.read_bytes()).hexdigest() == marker["config_sha256"]
     train = json.loads(config.read_text())
-    assert (train["micro_batch_size"], train["optim"]["lr"], train["max_steps"]) == (4, 3e-3, 6)  # override, recipe, param
+    assert (train["micro_batch_size"], train["optim"]["lr"], train["max_steps"]) == (8, 3e-3, 4)  # recipe, recipe, param
     version = json.loads((out / "train" / "model_version.json").read_text())["version"]
     prior = os.environ.get("MLFLOW_TRACKING_URI")  # tracking.client exports the URI to this process
-    c = tracking.client(tracking.TrackingConfig(uri=f"sqlite:///{af['root'] / 'lmpipe' / 'mlflow.db'}"))
+    c = tracking.client(tracking.TrackingConfig(uri=f"sqlite:///{first_run['home'] / 'mlflow.db'}"))
     try:
         assert c.get_model_version("lmpipe", str(version)).tags["lmpipe.config"] == str(config)
     finally:
@@ -137,7 +141,7 @@ def test_every_stage_writes_its_resolved_config_and_its_outputs_point_at_it(af, 
     assert json.loads((out / "train" / "eval" / metrics["config_file"]).read_text())["shards"] == str(out / "shards")
 
 
-def test_hostile_param_value_is_refused_before_anything_runs(af, first_run):
+def test_hostile_param_value_is_refused_before_anything_runs(af):
     """An output param carrying shell syntax fails the first task at once, naming the param:
     no shell ever sees it (multi-node launchers pass arguments to remote shells)."""
     root, env = af["root"], af["env"]
@@ -150,7 +154,7 @@ def test_hostile_param_value_is_refused_before_anything_runs(af, first_run):
     assert (root / "home" / "sentinel").is_file()
 
 
-def test_corrupt_shard_fails_check_shards_and_never_trains(af, first_run):
+def test_corrupt_shard_fails_check_shards_and_never_trains(af):
     """A spark-submit on PATH that runs the real job, then flips bytes in one shard it wrote
     (the job's only argument is the run config, which names the shard set)."""
     env, root = dict(af["env"]), af["root"]
@@ -169,13 +173,17 @@ printf 'corrupt' | dd of="$shard" bs=1 seek=100 conv=notrunc 2>/dev/null
     env["PATH"] = f"{bindir}:{env['PATH']}"
     r = airflow(env, "dags", "test", "lm_pipeline", "-c", conf(af["corpus"], f"{root}/out2"), timeout=900)
     run = runs(env)[-1]
-    assert run["run_id"] != first_run["run"]["run_id"]
     states = task_states(env, run["run_id"])
     assert run["state"] == "failed", r.stdout[-4000:]
     assert states["tokenize_shard"] == "success" and states["check_shards"] == "failed", states
     assert states["train"] in ("upstream_failed", None), states
     assert not list((root / "out2" / "runs").glob("*/train")), "train must never start on bad shards"
     assert champion(env) == before
+    # the text field set in tokenize_overrides reached the corpus gate and the job
+    out = next((root / "out2" / "runs").glob("*"))
+    assert json.loads((out / "checks" / "corpus" / "result.json").read_text())["config"]["reader"]["text_field"] == "content"
+    m = json.loads((out / "shards" / "manifest.json").read_text())
+    assert json.loads((out / "shards" / m["config_file"]).read_text())["reader"]["text_field"] == "content"
 
 
 def _make_champion(c, version: str) -> None:
@@ -186,8 +194,7 @@ def _make_champion(c, version: str) -> None:
     tracking.log_champion(c, "lmpipe", version, "promoted", "2026-01-01T00:00:00Z")
 
 
-def test_rollout_moves_serving_to_the_new_champion_and_rolls_back_a_broken_one(af, first_run, real_shards, tmp_path):
-    assert first_run["run"]["state"] == "success"
+def test_rollout_moves_serving_to_the_new_champion_and_rolls_back_a_broken_one(af, real_shards, tmp_path):
     # mlflow.set_tracking_uri (called by tracking.client) exports MLFLOW_TRACKING_URI to this process's
     # environment: point it back where it was, or later tests' subprocesses use this test's registry
     prior = os.environ.get("MLFLOW_TRACKING_URI")
@@ -212,7 +219,8 @@ def _rollout(af, real_shards, tmp_path):
 
     tcfg = tracking.TrackingConfig(uri=f"sqlite:///{af['root'] / 'lmpipe' / 'mlflow.db'}")
     c = tracking.client(tcfg)
-    v1 = champion(af["env"])
+    v1 = register(tiny_export(tmp_path / "v1", real_shards, seed=3), "lmpipe", tcfg)
+    _make_champion(c, v1)
     cfg = config.build(ServeConfig, {"model": "models:/lmpipe@champion", "watch_interval_s": 0,
                                      "tracking": config.to_dict(tcfg)})
     with running(cfg) as base:
