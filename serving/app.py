@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from lmpipe.errors import LmpipeError
-from serving import completions, engine, tokens
+from serving import chat, completions, engine, tokens
 from serving.cache import ResponseCache
 from serving.limits import ApiError
 from serving.models import ModelManager
@@ -86,6 +86,7 @@ def create_app(cfg, manager: ModelManager | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(tokens.router)
     completions.add_route(app, cfg)
+    chat.add_route(app)
     return app
 
 

@@ -22,7 +22,10 @@ def add_route(app: FastAPI, cfg) -> None:
     app.add_api_route("/v1/completions", create_completion, methods=["POST"])
 
 
-async def completions(body: CompletionRequest, request: Request):
+async def completions(body: CompletionRequest, request: Request, end_stops: tuple[str, ...] = (),
+                      stream_choice=None):
+    """A completion, streamed or whole. ``end_stops`` are added to the request's own stop strings
+    (a chat template's end of turn); ``stream_choice`` shapes each streamed choice (chat)."""
     cfg, manager, batcher = request.app.state.cfg, request.app.state.manager, request.app.state.batcher
     cur = manager.current
     if cur is None:
@@ -41,7 +44,7 @@ async def completions(body: CompletionRequest, request: Request):
         scored = await asyncio.to_thread(lambda: [sampling.prompt_logprobs(cur, x, body.logprobs) for x in ids])
     if body.max_tokens == 0:
         return _echo_only(body, cur, ids, prompts, scored)
-    reqs = _requests(body, cur, ids, stops, asyncio.get_running_loop())
+    reqs = _requests(body, cur, ids, stops + list(end_stops), asyncio.get_running_loop())
     try:
         batcher.submit(reqs)
     except engine.QueueFull as exc:
@@ -49,7 +52,7 @@ async def completions(body: CompletionRequest, request: Request):
                        kind="rate_limit_error") from None
     cid, created = engine.completion_id(), int(time.time())
     if body.stream:
-        return StreamingResponse(_stream(request, body, cur, reqs, prompts, cid, created),
+        return StreamingResponse(_stream(body, cur, reqs, prompts, cid, created, stream_choice or _text_choice),
                                  media_type="text/event-stream")
     choices = await asyncio.gather(*(_collect(r, body, cur, prompts[r.index // body.n],
                                               scored and scored[r.index // body.n]) for r in reqs))
@@ -116,13 +119,16 @@ def _echo_only(body, cur, ids: list[list[int]], prompts: list[str], scored) -> d
             "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}}
 
 
-async def _stream(request: Request, body, cur, reqs, prompts, cid: str, created: int):
+def _text_choice(index: int, text: str, finish, logprobs) -> tuple[str, dict]:
+    return "text_completion", {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
+
+
+async def _stream(body, cur, reqs, prompts, cid: str, created: int, shape):
     """Server-sent events in the OpenAI shape, ending with ``data: [DONE]``."""
     def chunk(index: int, text: str, finish=None, logprobs=None) -> str:
-        return "data: " + engine.dumps({"id": cid, "object": "text_completion", "created": created, "model": cur.name,
-                                        "system_fingerprint": cur.label, "choices": [
-                                            {"text": text, "index": index, "logprobs": logprobs,
-                                             "finish_reason": finish}]}) + "\n\n"
+        kind, choice = shape(index, text, finish, logprobs)
+        return "data: " + engine.dumps({"id": cid, "object": kind, "created": created, "model": cur.name,
+                                        "system_fingerprint": cur.label, "choices": [choice]}) + "\n\n"
 
     merged: asyncio.Queue = asyncio.Queue()
 
@@ -155,7 +161,7 @@ async def _stream(request: Request, body, cur, reqs, prompts, cid: str, created:
                 yield chunk(r.index, "", ev["finish_reason"])
         if (body.stream_options or {}).get("include_usage"):
             pt = sum(len(r.prompt_ids) for r in reqs[::body.n])
-            yield "data: " + engine.dumps({"id": cid, "object": "text_completion", "created": created,
+            yield "data: " + engine.dumps({"id": cid, "object": shape(0, "", None, None)[0], "created": created,
                                            "model": cur.name, "choices": [],
                                            "usage": {"prompt_tokens": pt, "completion_tokens": completion,
                                                      "total_tokens": pt + completion}}) + "\n\n"

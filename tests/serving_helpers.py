@@ -61,8 +61,10 @@ def tiny_export(dest: Path, shards: Path, seed: int, positions: int = 128) -> Pa
     model = recipes.build_model(m, man["tokenizer"]["vocab_size"], man["tokenizer"]["eos_id"])
     model.config.use_cache = True
     model.save_pretrained(dest, safe_serialization=True)
+    from lmpipe.chat_template import CHAT_TEMPLATE
+
     tok = PreTrainedTokenizerFast(tokenizer_file=str(shards / "tokenizer.json"), eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>")
+                                  pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
     tok.save_pretrained(dest)
     return dest
 

@@ -286,3 +286,30 @@ def test_prompt_logprobs_and_tokenizer_endpoints_match_transformers(export):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
         info = httpx.get(base + "/tokenizer_info").json()
         assert info["eos_token"] == tok.eos_token and info["model_max_length"] == 2304
+
+
+def test_chat_completions_with_the_exports_template_through_the_openai_client(export):
+    import openai
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def add(a, b):"}]
+    by_hand = ("<|im_start|>system\nYou write Python.<|im_end|>\n<|im_start|>user\ndef add(a, b):<|im_end|>\n"
+               "<|im_start|>assistant\n")
+    tok = AutoTokenizer.from_pretrained(export)
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == by_hand
+    with running(serve_cfg(export, api_key=KEY)) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="m", messages=messages, max_tokens=16, temperature=0, logprobs=True,
+                                           top_logprobs=2)
+        plain = client.completions.create(model="m", prompt=by_hand, max_tokens=16, temperature=0, stop=["<|im_end|>"])
+        msg = r.choices[0].message
+        assert r.object == "chat.completion" and msg.role == "assistant"
+        assert msg.content == plain.choices[0].text and r.choices[0].finish_reason == plain.choices[0].finish_reason
+        assert r.usage.prompt_tokens == plain.usage.prompt_tokens == len(tok(by_hand).input_ids)
+        assert len(r.choices[0].logprobs.content) >= 1 and len(r.choices[0].logprobs.content[0].top_logprobs) == 2
+        chunks = list(client.chat.completions.create(model="m", messages=messages, max_tokens=16, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == msg.content
+        assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="m", messages=[], max_tokens=4)

@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+from lmpipe.chat_template import CHAT_TEMPLATE
 from lmpipe.errors import LmpipeError
 
 
@@ -53,7 +54,8 @@ def write(state: dict, out: Path, data, resolved: dict, step: int) -> None:
     tok_path.write_bytes(data.store.get_bytes(man["tokenizer"]["path"]))
     eos = _eos_token(man, tok_path)
     PreTrainedTokenizerFast(tokenizer_file=str(tok_path), eos_token=eos, bos_token=eos, pad_token=eos,
-                            model_max_length=mcfg.max_position_embeddings).save_pretrained(tmp)
+                            model_max_length=mcfg.max_position_embeddings,
+                            chat_template=CHAT_TEMPLATE).save_pretrained(tmp)
     # save_pretrained re-serializes tokenizer.json; keep the original bytes, so its sha256 is the
     # one in the shard manifest (evaluation compares tokenizers by it)
     tok_path.write_bytes(data.store.get_bytes(man["tokenizer"]["path"]))
