@@ -5,7 +5,8 @@ Same model and prompts in one run; one JSON line per result:
 - server tokens/s for one client against raw ``model.generate`` (goal >= 0.9x);
 - throughput at 16 concurrent clients against 1 (goal >= 5x, from continuous batching), with
   requests of mixed lengths, so rows finish at different steps and queued ones take their place;
-- p50/p99 request latency at 1 and at 16 clients.
+- p50/p99 request latency at 1 and at 16 clients;
+- a response-cache hit against a miss: the same deterministic requests sent twice (median latency).
 
     .venv/bin/python bench/bench_serve.py [--model EXPORT_DIR] [--requests 48] [--max-tokens 64]
 """
@@ -90,8 +91,25 @@ def load(base: str, name: str, n: int, clients: int, max_tokens: int):
     return sum(t for t, _ in results) / wall, lat
 
 
+def cache_latency(base: str, name: str, n: int, max_tokens: int) -> tuple[float, float]:
+    """Median latency of n seeded requests (misses), then of the same n again (hits)."""
+    import httpx
+
+    def timed(i):
+        t = time.perf_counter()
+        r = httpx.post(base + "/v1/completions", timeout=300, json={
+            "model": name, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8,
+            "seed": 1000 + i})
+        r.raise_for_status()
+        return time.perf_counter() - t
+
+    misses = [timed(i) for i in range(n)]
+    hits = [timed(i) for i in range(n)]
+    return statistics.median(misses), statistics.median(hits)
+
+
 @contextlib.contextmanager
-def server_process(model_dir: Path):
+def server_process(model_dir: Path, *overrides: str):
     """``lmpipe serve`` in its own process, as in production (not sharing the client's GIL)."""
     import httpx
 
@@ -99,7 +117,7 @@ def server_process(model_dir: Path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "lmpipe.cli", "serve", "--model", str(model_dir), "--port", str(port),
-                             "watch_interval_s=0", "max_batch=16"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "watch_interval_s=0", "max_batch=16", *overrides], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -122,16 +140,23 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     args = ap.parse_args()
     model_dir = Path(args.model) if args.model else default_model(Path(tempfile.mkdtemp(prefix="lmpipe-bench-serve-")))
+    # best of two for the 1-client measures: on a shared machine one run can lose a core for a while
     raw = raw_generate(model_dir, max(4, args.requests // 4), args.max_tokens)
+    with server_process(model_dir, "cache_entries=0") as base:  # throughput of decoding, not of the cache
+        load(base, model_dir.name, 2, 1, 8)  # warm up
+        one, lat1 = max(load(base, model_dir.name, max(4, args.requests // 4), 1, args.max_tokens) for _ in range(2))
+        many, latn = load(base, model_dir.name, args.requests, 16, args.max_tokens)
     with server_process(model_dir) as base:
         load(base, model_dir.name, 2, 1, 8)  # warm up
-        one, lat1 = load(base, model_dir.name, max(4, args.requests // 4), 1, args.max_tokens)
-        many, latn = load(base, model_dir.name, args.requests, 16, args.max_tokens)
+        miss, hit = cache_latency(base, model_dir.name, 8, args.max_tokens)
+    raw = max(raw, raw_generate(model_dir, max(4, args.requests // 4), args.max_tokens))
     emit(metric="raw_generate", tokens_per_s=round(raw, 1), cores=os.cpu_count())
     emit(metric="server_1_client", tokens_per_s=round(one, 1), ratio_vs_raw=round(one / raw, 3), goal=0.9,
          p50_s=round(statistics.median(lat1), 3), p99_s=round(lat1[min(len(lat1) - 1, int(0.99 * len(lat1)))], 3))
     emit(metric="server_16_clients", tokens_per_s=round(many, 1), ratio_vs_1_client=round(many / one, 3), goal=5.0,
          p50_s=round(statistics.median(latn), 3), p99_s=round(latn[min(len(latn) - 1, int(0.99 * len(latn)))], 3))
+    emit(metric="cache_hit_vs_miss", miss_p50_s=round(miss, 4), hit_p50_s=round(hit, 4),
+         ratio_hit_vs_miss=round(hit / miss, 4))
 
 
 if __name__ == "__main__":

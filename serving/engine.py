@@ -116,7 +116,7 @@ class Active:
 
 
 class Batcher:
-    def __init__(self, max_batch: int = 8, max_queue: int = 64, batch_wait_ms: float = 5.0, on_tokens=None):
+    def __init__(self, max_batch: int = 8, max_queue: int = 64, batch_wait_ms: float = 0.0, on_tokens=None):
         self.max_batch, self.max_queue, self.wait = max_batch, max_queue, batch_wait_ms / 1000
         self._q: queue.Queue[Request] = queue.Queue()
         self._pending = 0

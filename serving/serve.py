@@ -37,7 +37,7 @@ class ServeConfig:
     max_stop_chars: int = 128  # characters in one stop string
     max_body_bytes: int = 1_048_576  # request body size; past it, 413 before the body is read
     max_batch: int = 8  # requests decoded together
-    batch_wait_ms: float = 5.0  # how long the first request waits for company
+    batch_wait_ms: float = 0.0  # how long an idle decoder waits for company (0: start at once; later arrivals join at the next step)
     max_queue: int = 64  # requests queued or decoding; past it, 429
     cache_entries: int = 1024  # responses of deterministic requests kept in-process (0 and no Redis: no cache)
     cache_ttl_s: int = 3600  # how long Redis keeps a cached response
