@@ -127,7 +127,7 @@ def test_admin_needs_the_key_and_a_server_without_a_model_answers_503(tmp_path, 
 
 
 def test_burst_past_the_queue_gets_429_quickly(exports):
-    with running(serve_cfg(model=str(exports["a"]), max_queue=2, max_batch=1)) as base:
+    with running(serve_cfg(model=str(exports["a"]), max_queue=2, max_batch=1, cache_entries=0)) as base:
         def call():
             t = time.monotonic()
             r = httpx.post(base + "/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 80,
@@ -170,7 +170,9 @@ def test_alias_moves_under_load_with_zero_failures_and_broken_versions_are_kept_
     c = tracking.client(cfg)
     va, vb, vbroken = (register(exports[k], "servetest", cfg) for k in ("a", "b", "broken"))
     c.set_registered_model_alias("servetest", "champion", va)
-    with running(serve_cfg(model="models:/servetest@champion", api_key=KEY, watch_interval_s=0.5)) as base:
+    # the cache off: the load must keep decoding, or repeated greedy requests would be answered from it
+    with running(serve_cfg(model="models:/servetest@champion", api_key=KEY, watch_interval_s=0.5,
+                           cache_entries=0)) as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=60)
         seen, failures, stop = [], [], threading.Event()
 
