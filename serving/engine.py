@@ -160,7 +160,8 @@ class Batcher:
 
         act, held = None, []
         while True:
-            incoming = held + self._take(block=act is None and not held, room=self.max_batch - (len(act.rows) if act else 0))
+            room = self.max_batch - (len(act.rows) if act else 0)
+            incoming = held + self._take(block=act is None and not held, room=room)
             model = act.model if act else (incoming[0].model if incoming else None)
             joining, held = [], []
             for r in incoming:
@@ -177,8 +178,9 @@ class Batcher:
                     if act is not None:
                         act = self._step(act)
             except Exception as exc:  # a bug here must not stop the decoder: fail this batch, keep serving
-                for r in [row.req for row in act.rows] if act else joining:
-                    self._fail(r, exc)
+                for r in ([row.req for row in act.rows] if act else []) + joining:
+                    if not r.released:
+                        self._fail(r, exc)
                 act = None
 
     def _take(self, block: bool, room: int) -> list[Request]:

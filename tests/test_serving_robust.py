@@ -111,6 +111,35 @@ def test_one_failing_row_fails_only_its_own_request(export):
     assert batcher.depth == 0
 
 
+def test_a_failure_in_the_decoding_loop_fails_its_batch_and_the_decoder_keeps_serving(export, monkeypatch):
+    from serving import engine
+
+    m = engine.load(export, "m", None)
+    batcher = engine.Batcher(max_batch=4)
+    real, calls = engine.sample, []
+
+    def broken_once(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("planted")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(engine, "sample", broken_once)
+
+    async def run(n):
+        loop = asyncio.get_running_loop()
+        reqs = [engine.Request(m, m.tokenizer("def").input_ids, 3, 0.0, 1.0, None, [], None, i, loop,
+                               asyncio.Queue(), stream=False) for i in range(n)]
+        batcher.submit(reqs)
+        return [await asyncio.wait_for(r.events.get(), 60) for r in reqs]
+
+    first = asyncio.run(run(1))
+    assert "planted" in first[0].get("error", ""), first
+    after = asyncio.run(run(2))  # the decoder thread is still there
+    assert all(e.get("done") and e["completion_tokens"] == 3 for e in after), after
+    assert batcher.depth == 0
+
+
 LIMITS = {"max_prompts": 3, "max_prompt_tokens": 40, "max_stop_sequences": 2, "max_stop_chars": 8,
           "max_body_bytes": 4096}
 BAD = [  # (raw JSON body after '{"model": "m", ', status, param)
