@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import field
+from pathlib import Path
 from typing import Literal
 
 from lmpipe import config as cfglib
@@ -27,7 +28,10 @@ class ServeConfig:
     model: str = "models:/lmpipe@champion"  # what to serve: a registry alias is watched and swapped without downtime
     host: str = "127.0.0.1"  # bind address; keep it on loopback without an API key
     port: int = 8000  # listen port
-    api_key: str | None = None  # default: $LMPIPE_API_KEY; when set, every /v1 and /admin route needs it
+    api_key: str | None = None  # default: $LMPIPE_API_KEY; when set, every route but /healthz, /readyz and /metrics needs it
+    tls_certfile: str | None = None  # PEM certificate (chain): serve HTTPS; needs tls_keyfile
+    tls_keyfile: str | None = None  # PEM private key of tls_certfile
+    shutdown_grace_s: float = 30.0  # on SIGTERM, how long open requests may finish before the server exits
     backend: Literal["transformers", "vllm"] = "transformers"  # the built-in server runs transformers; vllm prints how to serve the export with vLLM
     max_tokens_limit: int = 512  # largest max_tokens a request may ask for
     max_n: int = 4  # largest n (completions per prompt) a request may ask for
@@ -59,7 +63,18 @@ def resolve(cfg: ServeConfig) -> ServeConfig:
             raise ConfigError("backend=vllm needs vLLM installed (GPU machines: pip install vllm)") from None
         raise ConfigError("backend=vllm: serve the export folder with `vllm serve PATH` (see README); "
                           "lmpipe's built-in server uses the transformers backend")
+    if bool(cfg.tls_certfile) != bool(cfg.tls_keyfile):
+        raise ConfigError("tls_certfile and tls_keyfile go together: set both to serve HTTPS, or neither")
+    for key in ("tls_certfile", "tls_keyfile"):
+        path = getattr(cfg, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{key}: {path} is not a file")
     return cfg
+
+
+def tls(cfg: ServeConfig) -> dict:
+    """uvicorn's TLS settings for this config (none without a certificate)."""
+    return {"ssl_certfile": cfg.tls_certfile, "ssl_keyfile": cfg.tls_keyfile} if cfg.tls_certfile else {}
 
 
 def app_for(cfg: ServeConfig):
@@ -74,9 +89,11 @@ def run(cfg: ServeConfig) -> int:
     cfg = resolve(cfg)
     from serving.app import create_app
 
-    log(f"serving {cfg.model} on http://{cfg.host}:{cfg.port} (OpenAI API at /v1; auth "
+    scheme = "https" if cfg.tls_certfile else "http"
+    log(f"serving {cfg.model} on {scheme}://{cfg.host}:{cfg.port} (OpenAI API at /v1; auth "
         f"{'on' if cfg.api_key else 'off'})")
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning")
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning",
+                timeout_graceful_shutdown=cfg.shutdown_grace_s, **tls(cfg))
     return 0
 
 

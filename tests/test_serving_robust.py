@@ -342,3 +342,70 @@ def test_chat_completions_with_the_exports_template_through_the_openai_client(ex
         assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="m", messages=[], max_tokens=4)
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made with the cryptography library."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_lmpipe_serve_terminates_tls_with_its_certificate(export, tmp_path):
+    import signal
+
+    import openai
+
+    from serving_helpers import free_port
+
+    import ssl
+
+    cert, key = self_signed(tmp_path)
+    trust = ssl.create_default_context(cafile=str(cert))
+    serve = [sys.executable, "-m", "lmpipe.cli", "serve", "--model", str(export), "watch_interval_s=0"]
+    r = subprocess.run([*serve, f"tls_certfile={cert}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "tls_certfile and tls_keyfile go together" in r.stderr, r.stderr
+    port = free_port()
+    proc = subprocess.Popen([*serve, "--port", str(port), f"tls_certfile={cert}", f"tls_keyfile={key}",
+                             "shutdown_grace_s=5"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"https://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(base + "/readyz", verify=trust, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "the TLS server did not become ready"
+            time.sleep(0.3)
+        with httpx.Client(verify=trust) as http:
+            client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60, http_client=http)
+            assert client.completions.create(model="m", prompt="def", max_tokens=3, temperature=0).usage.completion_tokens
+        with pytest.raises(httpx.HTTPError):  # plain HTTP gets no answer
+            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
+        with pytest.raises(httpx.ConnectError):  # and a client that does not trust the certificate refuses it
+            httpx.get(base + "/readyz", timeout=10)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
