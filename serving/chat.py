@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lmpipe.chat_template import END_OF_TURN
 from serving import completions
-from serving.limits import ApiError, CompletionRequest
+from serving.limits import ApiError, CompletionRequest, served
 
 class TextPart(BaseModel):
     type: Literal["text"]
@@ -55,9 +55,7 @@ def add_route(app: FastAPI) -> None:
 
 
 async def chat_completions(body: ChatRequest, request: Request):
-    cfg, cur = request.app.state.cfg, request.app.state.manager.current
-    if cur is None:
-        raise ApiError(503, "no model is loaded yet", code="model_not_ready", kind="server_error")
+    cfg, cur = request.app.state.cfg, served(request, body.model)
     template = getattr(cur.tokenizer, "chat_template", None)
     if not template:
         raise ApiError(400, f"the model '{cur.name}' has no chat template: use /v1/completions", "messages",

@@ -26,13 +26,8 @@ async def completions(body: CompletionRequest, request: Request, end_stops: tupl
                       stream_choice=None):
     """A completion, streamed or whole. ``end_stops`` are added to the request's own stop strings
     (a chat template's end of turn); ``stream_choice`` shapes each streamed choice (chat)."""
-    cfg, manager, batcher = request.app.state.cfg, request.app.state.manager, request.app.state.batcher
-    cur = manager.current
-    if cur is None:
-        raise ApiError(503, "no model is loaded yet", code="model_not_ready", kind="server_error")
-    if body.model not in (cur.name, cur.label):
-        raise ApiError(404, f"The model '{body.model}' does not exist; this server serves '{cur.name}'",
-                       "model", "model_not_found")
+    cfg, batcher = request.app.state.cfg, request.app.state.batcher
+    cur = limits.served(request, body.model)
     prompts, stops = limits.check(body, cfg, cur.vocab_size)
     cache, key = request.app.state.cache, request.app.state.cache.key(cur, body)
     if key and (hit := await cache.get(key)) is not None:

@@ -57,6 +57,17 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
 
+def served(request, model: str | None):
+    """The model being served, if a request for ``model`` (None: any) can be answered by it."""
+    cur = request.app.state.manager.current
+    if cur is None:
+        raise ApiError(503, "no model is loaded yet", code="model_not_ready", kind="server_error")
+    if model is not None and model not in (cur.name, cur.label):
+        raise ApiError(404, f"The model '{model}' does not exist; this server serves '{cur.name}'", "model",
+                       "model_not_found")
+    return cur
+
+
 def prompts_of(body: CompletionRequest) -> list[str | list[int]]:
     """The request's prompts: each a string or a list of token ids."""
     p = body.prompt

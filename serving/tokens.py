@@ -8,7 +8,7 @@ import asyncio
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
-from serving.limits import ApiError
+from serving.limits import ApiError, served
 
 router = APIRouter()
 
@@ -26,19 +26,9 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def _served(request: Request, model: str | None):
-    cur = request.app.state.manager.current
-    if cur is None:
-        raise ApiError(503, "no model is loaded yet", code="model_not_ready", kind="server_error")
-    if model is not None and model not in (cur.name, cur.label):
-        raise ApiError(404, f"The model '{model}' does not exist; this server serves '{cur.name}'", "model",
-                       "model_not_found")
-    return cur
-
-
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request):
-    cur = _served(request, body.model)
+    cur = served(request, body.model)
     try:
         body.prompt.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -50,7 +40,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request):
-    cur = _served(request, body.model)
+    cur = served(request, body.model)
     if any(not 0 <= t < cur.vocab_size for t in body.tokens):
         raise ApiError(400, f"'tokens' holds ids outside the vocabulary [0, {cur.vocab_size})", "tokens")
     return {"prompt": await asyncio.to_thread(cur.tokenizer.decode, body.tokens)}
@@ -58,7 +48,7 @@ async def detokenize(body: DetokenizeRequest, request: Request):
 
 @router.get("/tokenizer_info")
 async def tokenizer_info(request: Request):
-    cur = _served(request, None)
+    cur = served(request, None)
     tok = cur.tokenizer
     return {"tokenizer_class": type(tok).__name__, "vocab_size": cur.vocab_size, "model_max_length": cur.context,
             "eos_token": tok.eos_token, "eos_token_id": tok.eos_token_id, "bos_token": tok.bos_token,
