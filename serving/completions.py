@@ -33,7 +33,8 @@ async def completions(body: CompletionRequest, request: Request, end_stops: tupl
     if key and (hit := await cache.get(key)) is not None:
         return {**hit, "id": engine.completion_id(), "created": int(time.time())}
     ids = await asyncio.to_thread(limits.tokenize, prompts, cur.tokenizer, cfg, cur.context, body.max_tokens)
-    prompts = [p if isinstance(p, str) else cur.tokenizer.decode(p) for p in prompts]  # for echo
+    if body.echo:  # the prompts' text, to send back
+        prompts = [p if isinstance(p, str) else cur.tokenizer.decode(p) for p in prompts]
     scored = None
     if body.echo and body.logprobs is not None:  # the prompt's own logprobs (lm-evaluation-harness)
         scored = await asyncio.to_thread(lambda: [sampling.prompt_logprobs(cur, x, body.logprobs) for x in ids])

@@ -63,6 +63,8 @@ def resolve(cfg: ServeConfig) -> ServeConfig:
             raise ConfigError("backend=vllm needs vLLM installed (GPU machines: pip install vllm)") from None
         raise ConfigError("backend=vllm: serve the export folder with `vllm serve PATH` (see README); "
                           "lmpipe's built-in server uses the transformers backend")
+    if cfg.redis_url and not cfg.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("redis_url (or LMPIPE_REDIS_URL) must be a redis://, rediss:// or unix:// URL")
     if bool(cfg.tls_certfile) != bool(cfg.tls_keyfile):
         raise ConfigError("tls_certfile and tls_keyfile go together: set both to serve HTTPS, or neither")
     for key in ("tls_certfile", "tls_keyfile"):

@@ -409,3 +409,16 @@ def test_lmpipe_serve_terminates_tls_with_its_certificate(export, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"redis_url": "localhost:6379"}, "must be a redis://"),
+    ({"tls_keyfile": "/etc/hostname"}, "go together"),
+    ({"tls_certfile": "/nonexistent.pem", "tls_keyfile": "/nonexistent.key"}, "is not a file"),
+])
+def test_serving_settings_that_cannot_work_are_refused_before_the_server_starts(overrides, message):
+    from lmpipe.errors import ConfigError
+    from serving.serve import resolve
+
+    with pytest.raises(ConfigError, match=message):
+        resolve(config.build(ServeConfig, {"model": "x", **overrides}))
