@@ -7,14 +7,14 @@ GREEDY_BELOW = 1e-5  # a temperature under this decodes greedily (dividing logit
 
 
 def sample(logits, reqs: list, gens: list):
-    """Each row's next token, its logprob, and its top logprobs (rows that asked for them).
+    """Each row's next token, its logprob, and its top logprobs (rows that asked for them; when
+    no row asks for logprobs, the logprobs are zeros and go unread).
 
     Greedy rows take the argmax. The others divide by their temperature, keep their top-p
     nucleus, and draw by inverse CDF with one uniform number from their own generator.
     """
     import torch
 
-    logp = torch.log_softmax(logits, dim=-1)
     toks = torch.argmax(logits, dim=-1)
     temps = torch.tensor([r.temperature for r in reqs], dtype=logits.dtype)
     rows = torch.nonzero(temps >= GREEDY_BELOW).squeeze(1)
@@ -27,8 +27,11 @@ def sample(logits, reqs: list, gens: list):
         u = torch.stack([torch.rand((), generator=gens[i], dtype=cdf.dtype) for i in rows.tolist()]) * cdf[:, -1]
         pick = torch.searchsorted(cdf, u[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
         toks[rows] = si.gather(1, pick).squeeze(1)
-    lps = logp.gather(1, toks[:, None]).squeeze(1)
     tops = [None] * len(reqs)
+    if all(r.logprobs is None for r in reqs):  # nobody reads them: no full-vocabulary softmax this step
+        return toks, torch.zeros(len(reqs)), tops
+    logp = torch.log_softmax(logits, dim=-1)
+    lps = logp.gather(1, toks[:, None]).squeeze(1)
     k = max((r.logprobs or 0) for r in reqs)
     if k:
         vals, idx = torch.topk(logp, k, dim=-1)
