@@ -18,8 +18,9 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 venv: $(STAMP)
 
 # Java runs Spark; Debian's chromium renders pages in the browser tests; postgresql and
-# redis-server are the metadata DB and the Celery broker of `make stack` (docs/deploy/local-stack.md).
-DEBIAN_PKGS := chromium postgresql redis-server
+# redis-server are the metadata DB and the Celery broker of `make stack`, haproxy its serving
+# load balancer (docs/deploy/local-stack.md).
+DEBIAN_PKGS := chromium postgresql redis-server haproxy
 system-deps:
 	@command -v java >/dev/null || { echo "error: Spark needs Java 17 on PATH (apt-get install openjdk-17-jre-headless)"; exit 1; }
 	@missing="$$(for p in $(DEBIAN_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done)"; \

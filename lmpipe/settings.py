@@ -49,7 +49,11 @@ SETTINGS = {s.name: s for s in [
     Setting("LMPIPE_AWS_CONN_ID", "aws_default", "Airflow aws connection with the S3/MinIO credentials"),
     Setting("LMPIPE_HOSTFILE", None, "DeepSpeed hostfile: lm_pipeline's train runs the launcher on its first host "
             "over ssh, which starts ranks on `nodes` hosts"),
-    Setting("LMPIPE_SERVE_URL", "http://127.0.0.1:8000", "base URL of the serving job (lm_serving_rollout)"),
+    Setting("LMPIPE_SERVE_URL", "http://127.0.0.1:8000", "base URL of the serving job, or of the load balancer in "
+            "front of its replicas (lm_serving_rollout)"),
+    Setting("LMPIPE_LB_ADMIN", None, "HAProxy's runtime API in front of the serving replicas (host:port or a socket "
+            "path): lm_serving_rollout rolls its `serving` backend one replica at a time (unset: one serving job "
+            "at LMPIPE_SERVE_URL)"),
     Setting("LMPIPE_MLFLOW_UI", "http://127.0.0.1:5000", "MLflow UI address printed in task logs (when the tracking URI is not http)"),
     Setting("LMPIPE_API_KEY", None, "API key the serving job requires, and clients send"),
     Setting("LMPIPE_REDIS_URL", None, "Redis for the serving job's response cache, shared by its replicas "
@@ -63,7 +67,10 @@ SETTINGS = {s.name: s for s in [
     # the production topology: make stack and docker/compose.yaml
     Setting("AIRFLOW_PORT", "8080", "Airflow's UI and REST API (api-server)", "stack"),
     Setting("MLFLOW_PORT", "5000", "MLflow's tracking server, registry and UI", "stack"),
-    Setting("SERVING_PORT", "8000", "the serving job's OpenAI-compatible API", "stack"),
+    Setting("SERVING_PORT", "8000", "the serving job's OpenAI-compatible API (its load balancer)", "stack"),
+    Setting("SERVING_REPLICAS", "2", "serving replicas behind the load balancer (make stack)", "stack"),
+    Setting("SERVING_REPLICA_PORT", "8101", "the first serving replica's port; the others take the next ones "
+            "(make stack; compose's replicas are reached on its network only)", "stack"),
     Setting("MINIO_PORT", "9000", "the S3 endpoint (MinIO in compose, moto's server in make stack)", "stack"),
     Setting("SPARK_UI_PORT", "8090", "the Spark standalone master's web UI", "stack"),
     Setting("SPARK_MASTER_PORT", "7077", "the Spark standalone master (spark://)", "stack"),

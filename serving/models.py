@@ -10,6 +10,8 @@ from lmpipe.log import log
 from registry import resolve as resolver
 from serving import engine
 
+FIRST_LOAD_RETRY_S = 5.0  # between tries of the first load when the alias is not watched
+
 
 class ModelManager:
     """Resolves ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a folder; loads in the
@@ -55,8 +57,8 @@ class ModelManager:
             while not self._stop.is_set() and self.current is None:
                 try:
                     self.reload()
-                except LmpipeError:
-                    self._stop.wait(self.cfg.watch_interval_s)
+                except LmpipeError:  # nothing to serve yet (no champion, registry away): try again
+                    self._stop.wait(self.cfg.watch_interval_s or FIRST_LOAD_RETRY_S)
             self._watch()
 
         threading.Thread(target=first, daemon=True, name="model-loader").start()

@@ -453,10 +453,33 @@ def test_compose_commands_take_the_flags_compose_gives():
             p = argparse.ArgumentParser()
             serve.add_arguments(p)
             cfg = serve.config_from_args(p.parse_args(cmds[0]))
-            assert cfg.host == "0.0.0.0" and any(str(x).endswith(f":{cfg.port}") for x in svc["ports"])
+            assert cfg.host == "0.0.0.0" and str(cfg.port) in svc["expose"]
+            assert cfg.watch_interval_s == 0, f"{name} moves on its own; lm_serving_rollout should move it"
             checked.add(name)
     assert {"airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
-            "mlflow", "serving"} <= checked
+            "mlflow", "serving-1", "serving-2"} <= checked
+
+
+def test_the_load_balancer_config_is_the_one_lmpipe_writes_and_haproxy_accepts_it():
+    """docker/haproxy/haproxy.cfg is lmpipe.balancer's compose config (regenerate it with
+    `python -m lmpipe.balancer > docker/haproxy/haproxy.cfg`); Debian's haproxy checks it; its
+    servers are compose's replicas, and lm_serving_rollout reaches its runtime API."""
+    from lmpipe import balancer
+
+    path = DOCKER / "haproxy" / "haproxy.cfg"
+    assert path.read_text() == balancer.compose_config(), "regenerate: python -m lmpipe.balancer > " + str(path)
+    r = subprocess.run([shutil.which("haproxy") or "/usr/sbin/haproxy", "-c", "-f", str(path)], capture_output=True,
+                       text=True, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    svcs = services()
+    replicas = {n for n, s in svcs.items() if s["image"].startswith("lmpipe/serving:")}
+    servers = dict(re.findall(r"^\s+server (\S+) (\S+)$", path.read_text(), re.M))
+    assert {n: f"{n}:8000" for n in replicas} == servers
+    lb = svcs["serving"]
+    assert any("haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg" in v for v in lb["volumes"])
+    env = service_env(svcs["airflow-worker"])
+    assert env["LMPIPE_SERVE_URL"] == "http://serving:8000"
+    assert f"stats socket ipv4@0.0.0.0:{env['LMPIPE_LB_ADMIN'].split(':')[1]} level admin" in path.read_text()
 
 
 def test_airflow_connections_match_the_conn_ids_lmpipe_uses(monkeypatch):

@@ -221,10 +221,15 @@ def test_an_s3_run_on_the_stack_promotes_and_the_asset_event_rolls_it_out(stack,
 
     rollout = stack.wait_rollout(after=first_run["at"])
     assert rollout["state"] == "success" and rollout["run_type"] == "asset_triggered", rollout
-    with stack.serving() as c:
+    with stack.serving() as c:  # through HAProxy
         assert str(c.get("/v1/models").json()["data"][0]["version"]) == version
         r = c.post("/v1/completions", json={"model": "lmpipe", "prompt": "def ", "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
+    first = int(stack.env["SERVING_REPLICA_PORT"])
+    for i in range(2):  # and each replica, directly
+        r = httpx.get(f"http://127.0.0.1:{first + i}/v1/models", trust_env=False, timeout=30,
+                      headers={"Authorization": f"Bearer {stack.secrets['LMPIPE_API_KEY']}"})
+        assert str(r.json()["data"][0]["version"]) == version, r.text
 
 
 @pytest.mark.slow

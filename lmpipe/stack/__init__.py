@@ -1,8 +1,8 @@
 """``make stack``: the production topology on one machine, as local processes.
 
 PostgreSQL, Redis, an S3 endpoint (moto's server), a Spark standalone cluster, MLflow's tracking
-server, Airflow with Celery workers, and the serving job; the same services, settings names and
-defaults as ``docker/compose.yaml``. Each starts only once the one before it is healthy.
+server, Airflow with Celery workers, and the serving replicas behind HAProxy; the same services,
+settings names and defaults as ``docker/compose.yaml``. Each starts only once the one before it is healthy.
 State, secrets and one log per service live under ``$LMPIPE_HOME/stack``::
 
     lmpipe stack up       # start what is not running yet, wait for health, print URLs and logins
@@ -57,6 +57,8 @@ def endpoints(sec: dict) -> dict[str, str]:
                           f"{sec['AIRFLOW_ADMIN_PASSWORD']})",
         "MLflow": u("MLFLOW_PORT"),
         "serving (OpenAI API)": f"{u('SERVING_PORT')}/v1  (Authorization: Bearer {sec['LMPIPE_API_KEY']})",
+        "serving replicas": "  ".join(f"{n} {a}" for n, a in services.replicas().items()) +
+                            f"  (HAProxy runtime API: {services.lb_admin(root())})",
         "S3 endpoint": f"{u('MINIO_PORT')}  (key {sec['AWS_ACCESS_KEY_ID']} / {sec['AWS_SECRET_ACCESS_KEY']})",
         "Spark master": f"{services.spark_url()}  (UI {u('SPARK_UI_PORT')})",
         "PostgreSQL": f"postgresql://postgres@127.0.0.1:{services.port('POSTGRES_PORT')}",

@@ -17,7 +17,7 @@ import httpx
 
 from lmpipe import settings
 from lmpipe.stack.procs import Proc, StackError, State, start, tail, wait
-from lmpipe.stack.services import BIN, clean_env, pg_url, port, spark_url, url
+from lmpipe.stack.services import BIN, clean_env, lb_admin, pg_url, port, spark_url, url
 
 REPO = Path(__file__).resolve().parents[2]
 WORKERS = 2
@@ -52,6 +52,7 @@ def airflow_env(root: Path, sec: dict) -> dict[str, str]:
     lmpipe = {"LMPIPE_HOME": str(settings.home()), "LMPIPE_CORPUS": settings.stack("LMPIPE_CORPUS"),
               "LMPIPE_OUTPUT": settings.stack("LMPIPE_OUTPUT"), "MLFLOW_TRACKING_URI": url("MLFLOW_PORT"),
               "LMPIPE_MLFLOW_UI": url("MLFLOW_PORT"), "LMPIPE_SERVE_URL": url("SERVING_PORT"),
+              "LMPIPE_LB_ADMIN": str(lb_admin(root)),
               "LMPIPE_API_KEY": sec["LMPIPE_API_KEY"], "SPARK_LOCAL_IP": "127.0.0.1",
               # A task whose MLflow server is away fails within a minute, and Airflow's retry takes over.
               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}

@@ -32,15 +32,17 @@ SECRETS = ("POSTGRES_PASSWORD", "AIRFLOW_DB_PASSWORD", "MLFLOW_DB_PASSWORD", "AI
 # Each process that listens, with the settings that hold its ports (the names compose publishes).
 PORTS = {"postgres": ("POSTGRES_PORT",), "redis": ("REDIS_PORT",), "s3": ("MINIO_PORT",),
          "spark-master": ("SPARK_MASTER_PORT", "SPARK_UI_PORT"), "mlflow": ("MLFLOW_PORT",),
-         "airflow-api-server": ("AIRFLOW_PORT",), "serving": ("SERVING_PORT",)}
+         "airflow-api-server": ("AIRFLOW_PORT",), "serving": ("SERVING_PORT", "SERVING_REPLICA_PORT")}
 
 
 def check_ports(state: State) -> None:
     """Before anything starts: every port of a service not running yet is free, else an error naming it."""
     from lmpipe.stack.procs import port_free
 
-    taken = [f"{name} needs 127.0.0.1:{port(s)} ({s})" for name, names in PORTS.items()
-             if not state.running(name) for s in names if not port_free(port(s))]
+    wanted = [(name, s, port(s)) for name, names in PORTS.items() if not state.running(name) for s in names]
+    wanted += [("serving", "SERVING_REPLICA_PORT", port("SERVING_REPLICA_PORT") + i)
+               for i in range(1, len(replicas()))]  # the replicas after the first
+    taken = [f"{name} needs 127.0.0.1:{p} ({s})" for name, s, p in wanted if not port_free(p)]
     if taken:
         raise StackError("ports already in use, so nothing was started: " + "; ".join(taken) +
                          ". Stop what holds them or set those settings to free ports.")
@@ -247,13 +249,41 @@ def mlflow(state: State, sec: dict) -> None:
     wait(state, "mlflow", lambda: http_ok(url("MLFLOW_PORT") + "/health"), timeout=300)
 
 
+def replicas() -> dict[str, str]:
+    """The serving replicas, HAProxy server name -> host:port: ``SERVING_REPLICAS`` of them on
+    consecutive ports from ``SERVING_REPLICA_PORT``."""
+    first = port("SERVING_REPLICA_PORT")
+    return {f"replica-{i + 1}": f"127.0.0.1:{first + i}" for i in range(int(settings.stack("SERVING_REPLICAS")))}
+
+
+def lb_admin(root: Path) -> Path:
+    """HAProxy's runtime API: a UNIX socket only the stack's user can open."""
+    return root / "haproxy" / "admin.sock"
+
+
 def serving(state: State, sec: dict) -> None:
-    """The serving job on the registry's champion alias, which it watches; its response cache is
-    in the stack's Redis (database 1; Celery's broker is database 0)."""
-    start(state, Proc("serving", [
-        sys.executable, "-m", "lmpipe.cli", "serve", "--model", "models:/lmpipe@champion", "--host", "127.0.0.1",
-        "--port", str(port("SERVING_PORT")), "watch_interval_s=5"],
-        env=clean_env(MLFLOW_TRACKING_URI=url("MLFLOW_PORT"), LMPIPE_API_KEY=sec["LMPIPE_API_KEY"],
-                      LMPIPE_REDIS_URL=f"redis://127.0.0.1:{port('REDIS_PORT')}/1",  # the response cache
-                      LMPIPE_HOME=str(settings.home())), port=port("SERVING_PORT")))
-    wait(state, "serving", lambda: http_ok(url("SERVING_PORT") + "/healthz"), timeout=180)
+    """The serving replicas on the registry's champion alias, and Debian's HAProxy in front of them
+    at ``SERVING_PORT``. No replica moves on its own (``watch_interval_s=0``): ``lm_serving_rollout``
+    rolls them one at a time through HAProxy's runtime API. Their response cache is the stack's
+    Redis (database 1; Celery's broker is database 0)."""
+    from lmpipe import balancer
+
+    program = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not Path(program).exists():
+        raise StackError("serving: Debian's haproxy package is not installed (apt-get install -y haproxy)")
+    env = clean_env(MLFLOW_TRACKING_URI=url("MLFLOW_PORT"), LMPIPE_API_KEY=sec["LMPIPE_API_KEY"],
+                    LMPIPE_REDIS_URL=f"redis://127.0.0.1:{port('REDIS_PORT')}/1", LMPIPE_HOME=str(settings.home()))
+    for name, addr in replicas().items():
+        start(state, Proc(f"serving-{name}", [
+            sys.executable, "-m", "lmpipe.cli", "serve", "--model", "models:/lmpipe@champion", "--host", "127.0.0.1",
+            "--port", addr.rsplit(":", 1)[1], "watch_interval_s=0"], env=env, port=int(addr.rsplit(":", 1)[1])))
+    admin = lb_admin(state.root)
+    if len(str(admin).encode()) > 100:
+        raise StackError(f"serving: {admin} is too long for a UNIX socket; set LMPIPE_HOME to a shorter path")
+    admin.parent.mkdir(parents=True, exist_ok=True)
+    cfg = admin.parent / "haproxy.cfg"
+    cfg.write_text(balancer.config(replicas(), f"127.0.0.1:{port('SERVING_PORT')}", str(admin)))
+    start(state, Proc("serving-lb", [program, "-db", "-f", str(cfg)], env=clean_env(), port=port("SERVING_PORT")))
+    for name, addr in replicas().items():  # /healthz: before the first promotion there is no champion to be ready on
+        wait(state, f"serving-{name}", lambda a=addr: http_ok(f"http://{a}/healthz"), timeout=180)
+    wait(state, "serving-lb", lambda: len(balancer.Runtime(str(admin)).servers()) == len(replicas()))
