@@ -6,7 +6,9 @@ Same model and prompts in one run; one JSON line per result:
 - throughput at 16 concurrent clients against 1 (goal >= 5x, from continuous batching), with
   requests of mixed lengths, so rows finish at different steps and queued ones take their place;
 - p50/p99 request latency at 1 and at 16 clients;
-- a response-cache hit against a miss: the same deterministic requests sent twice (median latency).
+- a response-cache hit against a miss: the same deterministic requests sent twice (median latency);
+- two replicas behind Debian's HAProxy against one replica alone, at 16 clients (each of the two
+  gets half the cores' threads, as two replicas on one machine should).
 
     .venv/bin/python bench/bench_serve.py [--model EXPORT_DIR] [--requests 48] [--max-tokens 64]
 """
@@ -109,7 +111,7 @@ def cache_latency(base: str, name: str, n: int, max_tokens: int) -> tuple[float,
 
 
 @contextlib.contextmanager
-def server_process(model_dir: Path, *overrides: str):
+def server_process(model_dir: Path, *overrides: str, env: dict | None = None):
     """``lmpipe serve`` in its own process, as in production (not sharing the client's GIL)."""
     import httpx
 
@@ -117,7 +119,8 @@ def server_process(model_dir: Path, *overrides: str):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "lmpipe.cli", "serve", "--model", str(model_dir), "--port", str(port),
-                             "watch_interval_s=0", "max_batch=16", *overrides], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "watch_interval_s=0", "max_batch=16", *overrides], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -131,6 +134,34 @@ def server_process(model_dir: Path, *overrides: str):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def balanced(model_dir: Path, replicas: int):
+    """``replicas`` servers behind Debian's HAProxy (lmpipe/balancer.py's configuration)."""
+    from lmpipe import balancer
+
+    threads = str(max(1, (os.cpu_count() or 1) // replicas))
+    with contextlib.ExitStack() as stack:
+        bases = [stack.enter_context(server_process(model_dir, "cache_entries=0", env={"OMP_NUM_THREADS": threads}))
+                 for _ in range(replicas)]
+        folder = Path(tempfile.mkdtemp(prefix="lmpipe-bench-lb-"))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        servers = {f"replica-{i + 1}": b.removeprefix("http://") for i, b in enumerate(bases)}
+        (folder / "haproxy.cfg").write_text(balancer.config(servers, f"127.0.0.1:{port}", str(folder / "admin.sock")))
+        proc = subprocess.Popen(["haproxy", "-db", "-f", str(folder / "haproxy.cfg")], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        stack.callback(proc.wait, 30)
+        stack.callback(proc.terminate)
+        rt = balancer.Runtime(str(folder / "admin.sock"))
+        for _ in range(300):
+            with contextlib.suppress(balancer.BalancerError):
+                if all(s.in_rotation for s in rt.servers()):
+                    break
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}", threads
 
 
 def main() -> None:
@@ -149,6 +180,9 @@ def main() -> None:
     with server_process(model_dir) as base:
         load(base, model_dir.name, 2, 1, 8)  # warm up
         miss, hit = cache_latency(base, model_dir.name, 8, args.max_tokens)
+    with balanced(model_dir, 2) as (base, threads):
+        load(base, model_dir.name, 4, 2, 8)  # warm up
+        two, lat2 = load(base, model_dir.name, args.requests, 16, args.max_tokens)
     raw = max(raw, raw_generate(model_dir, max(4, args.requests // 4), args.max_tokens))
     emit(metric="raw_generate", tokens_per_s=round(raw, 1), cores=os.cpu_count())
     emit(metric="server_1_client", tokens_per_s=round(one, 1), ratio_vs_raw=round(one / raw, 3), goal=0.9,
@@ -157,6 +191,9 @@ def main() -> None:
          p50_s=round(statistics.median(latn), 3), p99_s=round(latn[min(len(latn) - 1, int(0.99 * len(latn)))], 3))
     emit(metric="cache_hit_vs_miss", miss_p50_s=round(miss, 4), hit_p50_s=round(hit, 4),
          ratio_hit_vs_miss=round(hit / miss, 4))
+    emit(metric="two_replicas_behind_haproxy_vs_one", clients=16, tokens_per_s=round(two, 1),
+         one_replica_tokens_per_s=round(many, 1), ratio=round(two / many, 3), threads_per_replica=int(threads),
+         p50_s=round(statistics.median(lat2), 3), p99_s=round(lat2[min(len(lat2) - 1, int(0.99 * len(lat2)))], 3))
 
 
 if __name__ == "__main__":

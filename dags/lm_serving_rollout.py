@@ -1,15 +1,18 @@
 """
-### lm_serving_rollout: move the serving job to a new champion, with rollback
+### lm_serving_rollout: move the serving replicas to a new champion, one at a time, with rollback
 
 Scheduled on the `lmpipe://models/lmpipe/champion` asset, which `lm_pipeline`'s `promote`
 emits when it promotes a version.
 
-1. **reload**: `POST /admin/reload` on the serving job (`LMPIPE_SERVE_URL`); it loads the new
-   champion beside the old one and swaps atomically, so no request is dropped.
-2. **wait_for_version**: poll `/v1/models` until it reports the champion's version.
-3. **smoke_test**: a real completion through the OpenAI-compatible API.
-4. **rollback** (only when a step above failed): move `champion` back to the previous version,
-   reload again, and fail the run so the failure stays visible.
+1. **champion**: the version the registry's `champion` alias points at.
+2. **roll_out**: with a load balancer (`LMPIPE_LB_ADMIN`, HAProxy's runtime API), each replica
+   of its `serving` backend in turn is drained, reloaded (`POST /admin/reload`), waited on
+   until `/v1/models` reports the version, smoke-tested and put back in rotation. The last
+   replica in rotation is never drained: it swaps in place, atomically. Without a load
+   balancer, the one serving job at `LMPIPE_SERVE_URL` swaps in place. Then a completion
+   through `LMPIPE_SERVE_URL`.
+3. **rollback** (only when `roll_out` failed): move `champion` back to the previous version,
+   put every replica on it and back in rotation, and fail the run so the failure stays visible.
 """
 
 from __future__ import annotations
@@ -29,29 +32,22 @@ DEFAULTS = {"owner": "lmpipe", "retries": 1, "retry_delay": dt.timedelta(seconds
      max_active_runs=1, default_args=DEFAULTS, tags=["lmpipe", "serving"], doc_md=__doc__)
 def lm_serving_rollout():
     @task
-    def reload() -> str:
-        version = tasks.champion_version()
-        tasks.reload()
-        return version
+    def champion() -> str:
+        return tasks.champion_version()
 
     @task
-    def wait_for_version(version: str) -> str:
-        return tasks.wait_for(version)["id"]
-
-    @task
-    def smoke_test(model: str) -> str:
-        return tasks.smoke(model)
+    def roll_out(version: str) -> str:
+        return tasks.roll(version)
 
     @task(trigger_rule="one_failed")
     def rollback(version: str) -> None:
         from airflow.sdk.exceptions import AirflowFailException
 
-        to = tasks.rollback(version or tasks.champion_version())  # reload may have failed before returning
+        to = tasks.rollback(version)
         raise AirflowFailException(f"rollout of v{version} failed" + (f": champion rolled back to v{to}" if to else ""))
 
-    version = reload()
-    smoke = smoke_test(wait_for_version(version))
-    smoke >> rollback(version)
+    version = champion()
+    roll_out(version) >> rollback(version)
 
 
 lm_serving_rollout()

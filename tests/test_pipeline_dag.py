@@ -186,15 +186,10 @@ printf 'corrupt' | dd of="$shard" bs=1 seek=100 conv=notrunc 2>/dev/null
     assert json.loads((out / "shards" / m["config_file"]).read_text())["reader"]["text_field"] == "content"
 
 
-def _make_champion(c, version: str) -> None:
-    """What a promotion does to the registry (alias plus history), without the evaluation gate."""
-    from registry import tracking
-
-    c.set_registered_model_alias("lmpipe", tracking.CHAMPION, version)
-    tracking.log_champion(c, "lmpipe", version, "promoted", "2026-01-01T00:00:00Z")
-
-
-def test_rollout_moves_serving_to_the_new_champion_and_rolls_back_a_broken_one(af, real_shards, tmp_path):
+def test_rollout_rolls_replicas_one_at_a_time_under_load_and_rolls_back_a_broken_one(af, real_shards, tmp_path):
+    """Two replicas behind HAProxy and a bounded load through it for the whole of both rollouts:
+    zero failed requests, each replica drained in turn (never both), and the broken version
+    leaves every replica on the old one and in rotation."""
     # mlflow.set_tracking_uri (called by tracking.client) exports MLFLOW_TRACKING_URI to this process's
     # environment: point it back where it was, or later tests' subprocesses use this test's registry
     prior = os.environ.get("MLFLOW_TRACKING_URI")
@@ -210,38 +205,47 @@ def test_rollout_moves_serving_to_the_new_champion_and_rolls_back_a_broken_one(a
 def _rollout(af, real_shards, tmp_path):
     import shutil
 
-    import httpx
-
-    from lmpipe import config
+    from lb_helpers import Load, StateLog, haproxy, replicas
+    from lmpipe_airflow.lm_serving_rollout import served
     from registry import tracking
-    from serving.serve import ServeConfig
-    from serving_helpers import register, running, tiny_export
+    from serving_helpers import make_champion, register, tiny_export
 
     tcfg = tracking.TrackingConfig(uri=f"sqlite:///{af['root'] / 'lmpipe' / 'mlflow.db'}")
     c = tracking.client(tcfg)
     v1 = register(tiny_export(tmp_path / "v1", real_shards, seed=3), "lmpipe", tcfg)
-    _make_champion(c, v1)
-    cfg = config.build(ServeConfig, {"model": "models:/lmpipe@champion", "watch_interval_s": 0,
-                                     "tracking": config.to_dict(tcfg)})
-    with running(cfg) as base:
-        env = {**af["env"], "LMPIPE_SERVE_URL": base}
-        assert httpx.get(base + "/v1/models").json()["data"][0]["version"] == v1
+    make_champion(c, v1)
+    with replicas(2, "models:/lmpipe@champion", tmp_path / "replicas", env={"MLFLOW_TRACKING_URI": tcfg.uri}) as reps, \
+            haproxy({n: a for n, (a, _) in reps.items()}, tmp_path / "lb") as (url, rt):
+        urls = {name: f"http://{addr}" for name, (addr, _) in reps.items()}
+        env = {**af["env"], "LMPIPE_SERVE_URL": url, "LMPIPE_LB_ADMIN": rt.address, "MLFLOW_TRACKING_URI": tcfg.uri}
+        model = served(url)["id"]
         v2 = register(tiny_export(tmp_path / "v2", real_shards, seed=7), "lmpipe", tcfg)
-        _make_champion(c, v2)
-        r = airflow(env, "dags", "test", "lm_serving_rollout")
+        make_champion(c, v2)
+        with StateLog(rt) as states, Load(url, model, clients=4, max_s=400) as load:
+            load.wait_for(10)
+            r = airflow(env, "dags", "test", "lm_serving_rollout")
+            load.wait_for(10)
         assert "smoke completion" in r.stdout, r.stdout[-4000:]
-        assert httpx.get(base + "/v1/models").json()["data"][0]["version"] == v2
+        assert load.failures == [], load.failures[:5]
+        assert {str(served(u)["version"]) for u in urls.values()} == {v2}
+        for name in urls:  # each replica left rotation once, and came back
+            assert states.statuses(name) == ["UP", "DRAIN", "UP"], states.seen
+        assert not any(set(snap.values()) == {"DRAIN"} for snap in states.seen), states.seen
 
         broken = tmp_path / "broken"
         shutil.copytree(tmp_path / "v2", broken)
         data = (broken / "model.safetensors").read_bytes()
         (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
         v3 = register(broken, "lmpipe", tcfg)
-        _make_champion(c, v3)
-        r = airflow(env, "dags", "test", "lm_serving_rollout")
+        make_champion(c, v3)
+        with Load(url, model, clients=4, max_s=400) as load:
+            load.wait_for(10)
+            r = airflow(env, "dags", "test", "lm_serving_rollout")
+            load.wait_for(10)
         assert f"rolled back to v{v2}" in r.stdout + r.stderr, r.stdout[-4000:]
+        assert load.failures == [], load.failures[:5]
         assert str(tracking.alias_version(c, "lmpipe", tracking.CHAMPION).version) == v2
-        assert httpx.get(base + "/v1/models").json()["data"][0]["version"] == v2
+        assert {str(served(u)["version"]) for u in urls.values()} == {v2}
+        assert all(s.in_rotation for s in rt.servers()), rt.servers()
     rollout_runs = cli_json(airflow(af["env"], "dags", "list-runs", "lm_serving_rollout", "-o", "json"))
     assert sorted(r["state"] for r in rollout_runs) == ["failed", "success"]
-

@@ -19,7 +19,7 @@ import pytest
 
 from lmpipe import config
 from serving.serve import ServeConfig
-from serving_helpers import running, tiny_export
+from serving_helpers import running, self_signed, tiny_export
 
 KEY = "sk-robust"
 
@@ -342,32 +342,6 @@ def test_chat_completions_with_the_exports_template_through_the_openai_client(ex
         assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="m", messages=[], max_tokens=4)
-
-
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, made with the cryptography library."""
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_file, key_file
 
 
 def test_lmpipe_serve_terminates_tls_with_its_certificate(export, tmp_path):
