@@ -174,5 +174,5 @@ def rollback(version: str) -> str | None:
         to = promote.rollback(tracking.TrackingConfig())["to"]
     else:
         log(f"champion is v{current}, not v{version}: the registry needs no rollback")
-    restore(to or current)
+    restore(str(to) if to else current)
     return to

@@ -32,7 +32,8 @@ SECRETS = ("POSTGRES_PASSWORD", "AIRFLOW_DB_PASSWORD", "MLFLOW_DB_PASSWORD", "AI
 # Each process that listens, with the settings that hold its ports (the names compose publishes).
 PORTS = {"postgres": ("POSTGRES_PORT",), "redis": ("REDIS_PORT",), "s3": ("MINIO_PORT",),
          "spark-master": ("SPARK_MASTER_PORT", "SPARK_UI_PORT"), "mlflow": ("MLFLOW_PORT",),
-         "airflow-api-server": ("AIRFLOW_PORT",), "serving": ("SERVING_PORT", "SERVING_REPLICA_PORT")}
+         "airflow-api-server": ("AIRFLOW_PORT",), "serving-lb": ("SERVING_PORT",),
+         "serving-replica-1": ("SERVING_REPLICA_PORT",)}
 
 
 def check_ports(state: State) -> None:
@@ -40,8 +41,8 @@ def check_ports(state: State) -> None:
     from lmpipe.stack.procs import port_free
 
     wanted = [(name, s, port(s)) for name, names in PORTS.items() if not state.running(name) for s in names]
-    wanted += [("serving", "SERVING_REPLICA_PORT", port("SERVING_REPLICA_PORT") + i)
-               for i in range(1, len(replicas()))]  # the replicas after the first
+    wanted += [(f"serving-replica-{i + 1}", "SERVING_REPLICA_PORT", port("SERVING_REPLICA_PORT") + i)
+               for i in range(1, len(replicas())) if not state.running(f"serving-replica-{i + 1}")]
     taken = [f"{name} needs 127.0.0.1:{p} ({s})" for name, s, p in wanted if not port_free(p)]
     if taken:
         raise StackError("ports already in use, so nothing was started: " + "; ".join(taken) +
@@ -271,15 +272,15 @@ def serving(state: State, sec: dict) -> None:
     program = shutil.which("haproxy") or "/usr/sbin/haproxy"
     if not Path(program).exists():
         raise StackError("serving: Debian's haproxy package is not installed (apt-get install -y haproxy)")
+    admin = lb_admin(state.root)
+    if len(str(admin).encode()) > 100:
+        raise StackError(f"serving: {admin} is too long for a UNIX socket; set LMPIPE_HOME to a shorter path")
     env = clean_env(MLFLOW_TRACKING_URI=url("MLFLOW_PORT"), LMPIPE_API_KEY=sec["LMPIPE_API_KEY"],
                     LMPIPE_REDIS_URL=f"redis://127.0.0.1:{port('REDIS_PORT')}/1", LMPIPE_HOME=str(settings.home()))
     for name, addr in replicas().items():
         start(state, Proc(f"serving-{name}", [
             sys.executable, "-m", "lmpipe.cli", "serve", "--model", "models:/lmpipe@champion", "--host", "127.0.0.1",
             "--port", addr.rsplit(":", 1)[1], "watch_interval_s=0"], env=env, port=int(addr.rsplit(":", 1)[1])))
-    admin = lb_admin(state.root)
-    if len(str(admin).encode()) > 100:
-        raise StackError(f"serving: {admin} is too long for a UNIX socket; set LMPIPE_HOME to a shorter path")
     admin.parent.mkdir(parents=True, exist_ok=True)
     cfg = admin.parent / "haproxy.cfg"
     cfg.write_text(balancer.config(replicas(), f"127.0.0.1:{port('SERVING_PORT')}", str(admin)))
