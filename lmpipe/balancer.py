@@ -55,6 +55,8 @@ defaults
     timeout server 10m
     timeout http-request 30s
     timeout queue 60s
+    # a replica busy decoding or loading a model may take a moment to answer its check
+    timeout check 5s
     # a request whose replica refused it, died under it or was not ready goes to another one;
     # the whole request is read first, so that it can be sent again
     option http-buffer-request
@@ -70,7 +72,7 @@ backend {BACKEND}
     balance leastconn
     option httpchk GET /readyz
     http-check expect status 200
-    default-server check inter 1s fall 2 rise 2 init-addr last,libc,none{" resolvers dns" if dns else ""}
+    default-server check inter 1s fall 3 rise 2 init-addr last,libc,none{" resolvers dns" if dns else ""}
 {servers}
 """
 

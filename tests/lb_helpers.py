@@ -78,11 +78,14 @@ def haproxy(servers: dict[str, str], folder: Path, tls_pem: Path | None = None, 
     rt = balancer.Runtime(str(admin))
     try:
         deadline = time.monotonic() + 60
+        if ready:  # HAProxy counts a server up until its checks say otherwise: ask the replicas first
+            for addr in servers.values():
+                wait_http(f"http://{addr}/readyz", proc, folder / "haproxy.log", timeout=120)
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"haproxy exited {proc.returncode}:\n{(folder / 'haproxy.log').read_text()}")
             with contextlib.suppress(balancer.BalancerError):
-                if all(s.up or not ready for s in rt.servers()):
+                if all(s.status == "UP" or not ready for s in rt.servers()):
                     break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"haproxy's servers never all came up:\n{(folder / 'haproxy.log').read_text()}")
