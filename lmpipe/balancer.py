@@ -114,6 +114,10 @@ class Runtime:
     """HAProxy's runtime API at ``address``: ``host:port`` or the path of a UNIX socket."""
 
     def __init__(self, address: str, backend: str = BACKEND, timeout: float = 10):
+        host, sep, port = address.rpartition(":")
+        if not address.startswith("/") and not (sep and port.isdigit() and 0 < int(port) < 65536):
+            raise BalancerError(f"HAProxy's runtime API address {address!r} is neither a socket path (/...) "
+                                f"nor host:port")
         self.address, self.backend, self.timeout = address, backend, timeout
 
     def command(self, line: str) -> str:

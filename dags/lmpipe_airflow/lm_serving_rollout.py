@@ -115,7 +115,7 @@ def _roll_one(lb, name: str, version: str) -> None:
         log(f"{name}: down ({s.status}), skipped; a replica with no model keeps trying to load the champion, "
             f"and one that restarts loads it", level="warning")
         return
-    drain = any(o.in_rotation for o in lb.servers() if o.name != name)
+    drain = _others_in_rotation(lb, name)
     if not drain:
         log(f"{name}: the only replica in rotation, so it stays in and swaps in place")
     elif (seen := served(s.url)) and str(seen["version"]) == version:
