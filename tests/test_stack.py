@@ -74,6 +74,16 @@ def test_a_port_in_use_names_the_service_and_starts_nothing(tmp_path):
     assert not (tmp_path / "stack" / "state.json").exists()
 
 
+def test_a_bad_replica_count_is_refused_naming_it_and_starts_nothing(tmp_path):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+           **{s: str(free_port()) for s in PORTS}, "LMPIPE_HOME": str(tmp_path), "SERVING_REPLICAS": "two"}
+    r = subprocess.run([sys.executable, "-m", "lmpipe.cli", "stack", "up"], env=env, text=True,
+                       capture_output=True, timeout=120, check=False)
+    assert r.returncode == 1, r.stderr
+    assert "SERVING_REPLICAS='two'" in r.stderr
+    assert not (tmp_path / "stack" / "state.json").exists()
+
+
 # ---------------------------------------------------------------- on the stack
 
 @pytest.fixture(scope="module")

@@ -253,8 +253,10 @@ def mlflow(state: State, sec: dict) -> None:
 def replicas() -> dict[str, str]:
     """The serving replicas, HAProxy server name -> host:port: ``SERVING_REPLICAS`` of them on
     consecutive ports from ``SERVING_REPLICA_PORT``."""
-    first = port("SERVING_REPLICA_PORT")
-    return {f"replica-{i + 1}": f"127.0.0.1:{first + i}" for i in range(int(settings.stack("SERVING_REPLICAS")))}
+    first, n = port("SERVING_REPLICA_PORT"), settings.stack("SERVING_REPLICAS")
+    if not n.isdigit() or int(n) < 1:
+        raise StackError(f"SERVING_REPLICAS={n!r}: the number of serving replicas must be a whole number, 1 or more")
+    return {f"replica-{i + 1}": f"127.0.0.1:{first + i}" for i in range(int(n))}
 
 
 def lb_admin(root: Path) -> Path:
