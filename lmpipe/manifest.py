@@ -26,6 +26,7 @@ from lmpipe.storage import Store
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
+REMOVED = "removed"  # <out>/removed/<step>/: the documents curation removed, for inspection
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 
@@ -73,6 +74,20 @@ SCHEMA = {
             "properties": {
                 "skipped": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
                 "unreadable_files": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        "curation": {
+            "type": "object",
+            "required": ["documents_in", "funnel", "documents_out"],
+            "properties": {
+                "documents_in": {"type": "integer", "minimum": 0},
+                "documents_out": {"type": "integer", "minimum": 0},
+                "funnel": {"type": "array", "items": {
+                    "type": "object", "required": ["step", "removed", "reasons"],
+                    "properties": {"step": {"type": "string"}, "removed": {"type": "integer", "minimum": 0},
+                                   "reasons": {"type": "object", "additionalProperties": {"type": "integer"}}}}},
+                "languages": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+                "scrubbed": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
             },
         },
         "created_at": {"type": "string"},
@@ -127,14 +142,17 @@ SHARD_KEYS = ("path", "sequences", "tokens", "bytes", "sha256")
 
 def build(*, seq_len: int, tokenizer: Mapping[str, Any], shards: list[Mapping[str, Any]], stats: Mapping[str, int],
           input: Mapping[str, Any], run_id: str, elapsed_s: float, spark: Mapping[str, Any],
-          config: Mapping[str, Any], config_file: str) -> dict[str, Any]:
+          config: Mapping[str, Any], config_file: str,
+          curation: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of one tokenize run.
 
     ``shards`` are the written shards (``split`` plus :data:`SHARD_KEYS`); ``stats`` the
     summed counters of the read tasks (``documents_read``, ``duplicates_removed``,
     ``skipped.<reason>``, ``<split>.<count>`` for :data:`SPLIT_COUNTS`); ``input`` the corpus
     listing (``uri``, ``files``, ``new_files``, ``bytes``, ``ignored_files``, ``file_list``).
-    ``config_file`` names the resolved config written beside the manifest.
+    ``config_file`` names the resolved config written beside the manifest. ``curation`` names
+    the curation ``steps`` in order (``reader`` first), whose removals are the ``skipped.<reason>``
+    and ``removed.<step>.<reason>`` counters, plus its ``languages`` and ``scrubbed`` tags.
     """
     splits = {}
     for split in SPLITS:
@@ -142,15 +160,17 @@ def build(*, seq_len: int, tokenizer: Mapping[str, Any], shards: list[Mapping[st
         splits[split] = {"sequences": sum(s["sequences"] for s in mine), "tokens": sum(s["tokens"] for s in mine),
                          "shards": mine, **{k: int(stats.get(f"{split}.{k}", 0)) for k in SPLIT_COUNTS}}
     skipped = {k.split(".", 1)[1]: int(v) for k, v in sorted(stats.items()) if k.startswith("skipped.")}
-    return {
+    used = sum(splits[s]["documents"] for s in SPLITS)
+    exact = int(stats.get("duplicates_removed", 0)) + int(stats.get("removed.exact_dedup.duplicate", 0))
+    extra = {"curation": funnel(curation, stats, used)} if curation else {}
+    return {**extra,
         "format_version": FORMAT_VERSION,
         "seq_len": seq_len,
         "dtype": "uint16" if tokenizer["vocab_size"] <= 2**16 else "uint32",
         "tokenizer": dict(tokenizer),
         "splits": splits,
         "input": {**input, "documents_read": int(stats.get("documents_read", 0)),
-                  "documents_used": sum(splits[s]["documents"] for s in SPLITS),
-                  "duplicates_removed": int(stats.get("duplicates_removed", 0)), "skipped": skipped},
+                  "documents_used": used, "duplicates_removed": exact, "skipped": skipped},
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "run_id": run_id,
         "elapsed_s": round(elapsed_s, 2),
@@ -158,6 +178,18 @@ def build(*, seq_len: int, tokenizer: Mapping[str, Any], shards: list[Mapping[st
         "config": dict(config),
         "config_file": config_file,
     }
+
+
+def funnel(curation: Mapping[str, Any], stats: Mapping[str, int], used: int) -> dict[str, Any]:
+    """The curation funnel: documents in, what each step removed by reason, documents out."""
+    steps = []
+    for step in curation["steps"]:
+        prefix = "skipped." if step == "reader" else f"removed.{step}."
+        reasons = {k[len(prefix):]: int(v) for k, v in sorted(stats.items())
+                   if k.startswith(prefix) and k != "skipped.unreadable_file"}  # files, not documents
+        steps.append({"step": step, "removed": sum(reasons.values()), "reasons": reasons})
+    return {"documents_in": int(stats.get("documents_read", 0)), "funnel": steps, "documents_out": used,
+            **{k: v for k, v in curation.items() if k != "steps"}}
 
 
 def merge(base: Mapping[str, Any], new: dict[str, Any], base_uri: str) -> dict[str, Any]:
@@ -181,8 +213,27 @@ def merge(base: Mapping[str, Any], new: dict[str, Any], base_uri: str) -> dict[s
     for k, v in inp["skipped"].items():
         skipped[k] = skipped.get(k, 0) + v
     inp["skipped"] = dict(sorted(skipped.items()))
+    if "curation" in out and "curation" in base:
+        out["curation"] = _merge_curation(base["curation"], out["curation"])
     out["base"] = {"uri": base_uri, "run_id": base["run_id"]}
     return out
+
+
+def _merge_curation(base: Mapping[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Funnels add up step by step (a step only one run had keeps its counts)."""
+    def add(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
+        return {k: a.get(k, 0) + b.get(k, 0) for k in sorted({*a, *b})}
+
+    old = {s["step"]: s for s in base["funnel"]}
+    steps = []
+    for s in new["funnel"]:
+        b = old.pop(s["step"], {"removed": 0, "reasons": {}})
+        steps.append({"step": s["step"], "removed": s["removed"] + b["removed"], "reasons": add(b["reasons"], s["reasons"])})
+    steps += old.values()
+    return {**new, "funnel": steps, "documents_in": new["documents_in"] + base["documents_in"],
+            "documents_out": new["documents_out"] + base["documents_out"],
+            "languages": add(base.get("languages", {}), new.get("languages", {})),
+            "scrubbed": add(base.get("scrubbed", {}), new.get("scrubbed", {}))}
 
 
 def read_parts(m: Mapping[str, Any]) -> int:

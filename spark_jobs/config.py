@@ -9,6 +9,7 @@ from lmpipe.config import stage_config
 from lmpipe.errors import ConfigError
 from lmpipe.storage import StorageConfig
 from spark_jobs.corpus import CorpusConfig
+from spark_jobs.curate.config import CurateConfig
 from spark_jobs.tokenizer import TokenizerConfig
 
 
@@ -26,6 +27,7 @@ class TokenizeConfig:
     shard_sequences: int = 8192  # sequences per shard file
     compression: Literal["zstd", "snappy", "none"] = "zstd"  # shard Parquet compression
     dedup: bool = True  # remove exact duplicates (by content hash; the first by position is kept)
+    curate: CurateConfig = field(default_factory=CurateConfig)  # filters, near-dup, decontamination
     overwrite: bool = False  # replace a published shard set under ``out``
     # A previous shard set of the same corpus: tokenize only the corpus files it has not seen
     # (e.g. new date partitions), with its tokenizer, and merge its shards into ``out``.
@@ -48,5 +50,17 @@ def check(cfg: TokenizeConfig) -> None:
         raise ConfigError(f"config key 'validation_fraction' must be in [0, 1) (got {cfg.validation_fraction})")
     if cfg.shard_sequences < 1 or cfg.partition_mb < 1:
         raise ConfigError("config keys 'shard_sequences' and 'partition_mb' must be >= 1")
+    _check_curate(cfg.curate)
     if cfg.tokenizer.vocab_size < 260 and not cfg.tokenizer.path:
         raise ConfigError(f"config key 'tokenizer.vocab_size' must be >= 260 for byte-level BPE (got {cfg.tokenizer.vocab_size})")
+
+
+def _check_curate(cur: CurateConfig) -> None:
+    from spark_jobs.curate import filters
+
+    from spark_jobs.curate import neardup
+
+    filters.build(cur.filters, cur.languages)  # an unknown filter or key is named here
+    neardup.check(cur.near_dedup)
+    if cur.decontaminate_ngram < 1 or cur.removed_sample < 0:
+        raise ConfigError("config key 'curate.decontaminate_ngram' must be >= 1 and 'curate.removed_sample' >= 0")

@@ -34,6 +34,11 @@ def run(cfg: TokenizeConfig) -> dict:
     """Tokenize ``cfg.corpus`` into shards under ``cfg.out``; return the manifest written last."""
     check(cfg)
     t0 = time.monotonic()
+    index = None
+    if cfg.curate.decontaminate:
+        from spark_jobs.curate import decontam
+
+        index = decontam.load_index(cfg.curate.decontaminate, cfg.curate.decontaminate_ngram, cfg.storage)
     cfg = replace(cfg, run_id=cfg.run_id or uuid.uuid4().hex[:12])
     cstore, files, ignored = corpus.resolve(cfg.corpus, cfg.storage)
     total_bytes = sum(o.size for o in files)
@@ -57,10 +62,10 @@ def run(cfg: TokenizeConfig) -> dict:
     pool.shutdown(wait=False)
     tok, tok_info = _publish_tokenizer(cfg, cstore, files, out, base_m)
 
-    rows, spark_info = [], {"version": None, "master": None, "tasks": 0}
+    rows, tags, spark_info = [], Counter(), {"version": None, "master": None, "tasks": 0}
     if spark_future:
-        rows, spark_info = _spark_pack(cfg, cstore, todo, tok.to_str(), tok_info, spark_future.result(),
-                                       manifest.read_parts(base_m) if base_m else 0)
+        rows, tags, spark_info = _spark_pack(cfg, cstore, todo, tok.to_str(), tok_info, spark_future.result(),
+                                             manifest.read_parts(base_m) if base_m else 0, index, base_store)
     stats = _stats(rows)
     listing = {"uri": cfg.corpus, "files": len(files), "new_files": len(todo), "bytes": total_bytes,
                "ignored_files": ignored, "file_list": [{"key": o.key, "size": o.size} for o in todo],
@@ -74,7 +79,8 @@ def run(cfg: TokenizeConfig) -> dict:
     shards = [r for r in rows if r["kind"] == "shard"]
     m = manifest.build(seq_len=cfg.seq_len, tokenizer=tok_info, shards=shards, stats=stats, input=listing,
                        run_id=cfg.run_id, elapsed_s=time.monotonic() - t0, spark=spark_info,
-                       config=cfglib.to_dict(cfg), config_file=CONFIG_FILE)
+                       config=cfglib.to_dict(cfg), config_file=CONFIG_FILE,
+                       curation=_curation(cfg, tags))
     if base_m:
         m = manifest.merge(base_m, m, base_store.uri)
     for split in manifest.SPLITS:
@@ -84,6 +90,23 @@ def run(cfg: TokenizeConfig) -> dict:
     url = manifest.write(out, m)  # last: this publishes the shard set
     log(summary(m, url))
     return m
+
+
+def _curation(cfg: TokenizeConfig, tags: Counter) -> dict:
+    """What :func:`manifest.build` needs for the funnel: the steps that ran, in order, plus the
+    languages seen and the scrubbed items by kind."""
+    from spark_jobs.curate import filters
+
+    steps = ["reader"] + (["decontaminate"] if cfg.curate.decontaminate else [])
+    steps += [f.name for f in filters.build(cfg.curate.filters, cfg.curate.languages)]
+    steps += (["exact_dedup"] if cfg.dedup else []) + (["near_dedup"] if cfg.curate.near_dedup.enabled else [])
+    return {
+        "steps": steps,
+        "languages": {k[5:]: v for k, v in sorted(tags.items()) if k.startswith("lang.")},
+        "scrubbed": {k[9:]: v for k, v in sorted(tags.items()) if k.startswith("scrubbed.")},
+        "kept_languages": list(cfg.curate.languages),
+        "removed_samples": f"{manifest.REMOVED}/" if cfg.curate.keep_removed != "none" else None,
+    }
 
 
 def _new_files(files, base_m: dict, cfg: TokenizeConfig):
@@ -183,7 +206,7 @@ def _prepare_out(cfg: TokenizeConfig):
         # Unpublish first, so no reader ever sees the old manifest over new shards.
         out.delete_prefix(manifest.MANIFEST)
         log(f"overwrite: removed the old manifest under {cfg.out}")
-    for prefix in manifest.SPLITS:  # stale shards of an unfinished or replaced run
+    for prefix in (*manifest.SPLITS, manifest.REMOVED, worker.SIGNATURES):  # stale files of an unfinished or replaced run
         if n := out.delete_prefix(prefix):
             log(f"removed {n} stale files under {out.url(prefix)}")
     return out
@@ -207,6 +230,7 @@ def _base(cfg: TokenizeConfig) -> tuple[dict | None, object]:
 
 def _copy_base(base_store, base_m: dict, out) -> None:
     keys = [sh["path"] for sp in base_m["splits"].values() for sh in sp["shards"]]
+    keys += [o.key for o in base_store.list(f"{worker.SIGNATURES}/")]  # the lineage's dedup history
     t0 = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda k: copy_object(base_store, k, out), keys))
@@ -243,8 +267,16 @@ def _stats(rows) -> Counter:
     return stats
 
 
+def curating(cfg: TokenizeConfig) -> bool:
+    """Whether stage 1 runs: some filter, decontamination, or dedup is configured."""
+    from spark_jobs.curate import filters
+
+    return bool(cfg.dedup or cfg.curate.near_dedup.enabled or cfg.curate.decontaminate
+                or filters.build(cfg.curate.filters, cfg.curate.languages))
+
+
 def _spark_pack(cfg: TokenizeConfig, cstore, files, tok_json: str, tok_info: dict, spark,
-                part_offset: int) -> tuple[list, dict]:
+                part_offset: int, decontamination, base_store=None) -> tuple[list, Counter, dict]:
     """Stages 1 and 2 on Spark: one read task per partition; shard names follow the task index,
     never the cluster size."""
     from spark_jobs import sparkutil
@@ -254,22 +286,47 @@ def _spark_pack(cfg: TokenizeConfig, cstore, files, tok_json: str, tok_info: dic
     log(f"spark {spark.version} master {sc.master}: {len(tasks)} read tasks, seq_len {cfg.seq_len}")
     task_df = spark.range(0, len(tasks), numPartitions=len(tasks))
     plan = sc.broadcast(tasks)
+    docs, tags = None, Counter()
     try:
-        drop = None
-        if cfg.dedup:
-            with sparkutil.progress(spark, "dedup (hashing documents)"):
-                hashes = task_df.mapInArrow(worker.hash_docs(cstore.uri, cfg.storage, cfg.reader, plan), worker.HASH_DDL)
-                drop = sc.broadcast(_duplicates(hashes))
+        todo = task_df
+        if curating(cfg):
+            from spark_jobs.curate import stage
+
+            index = sc.broadcast(decontamination) if decontamination is not None else None
+            fn = worker.curate_docs(cfg, cstore.uri, plan, index, part_offset)
+            docs = task_df.mapInArrow(fn, worker.DOCS_DDL).persist()
+            with sparkutil.progress(spark, "curate (filters, hashes, MinHash signatures)"):
+                tags = stage.tag_counts(docs)
+            with sparkutil.progress(spark, "dedup (exact and near)"):
+                history = _history(spark, cfg, base_store)
+                todo = stage.by_task(spark, task_df, stage.edits(spark, docs, cfg, history), len(tasks)).persist()
+                todo.count()
         with sparkutil.progress(spark, "tokenize"):
-            fn = worker.pack(cfg, cstore.uri, tok_json, tok_info["eos_id"], tok_info["vocab_size"], plan, drop,
-                             part_offset)
-            rows = task_df.mapInArrow(fn, worker.RESULT_DDL).collect()
+            fn = worker.pack(cfg, cstore.uri, tok_json, tok_info["eos_id"], tok_info["vocab_size"], plan, part_offset)
+            rows = todo.mapInArrow(fn, worker.RESULT_DDL).collect()
     except Exception as exc:
         for marker, kind in (("CorpusError", CorpusError), ("StorageError", StorageError), ("LmpipeError", LmpipeError)):
             if msg := sparkutil.task_error_message(exc, marker):
                 raise kind(msg) from None
         raise
-    return rows, {"version": spark.version, "master": sc.master, "tasks": len(tasks)}
+    finally:
+        if docs is not None:
+            docs.unpersist()
+    return rows, tags, {"version": spark.version, "master": sc.master, "tasks": len(tasks)}
+
+
+def _history(spark, cfg: TokenizeConfig, base_store):
+    """The signatures of every earlier run of an incremental run's lineage (its base holds them
+    all), as rows for :func:`spark_jobs.curate.stage.edits`; None for a run without a base."""
+    if base_store is None:
+        return None
+    keys = sorted(o.key for o in base_store.list(f"{worker.SIGNATURES}/") if o.key.endswith(".parquet"))
+    log(f"incremental dedup against {len(keys)} signature files of the base {base_store.uri}")
+    if not keys:
+        return None
+    files = spark.sparkContext.broadcast(keys)
+    return (spark.range(0, len(keys), numPartitions=min(len(keys), 64))
+            .mapInArrow(worker.read_signatures(base_store.uri, cfg.storage, files), worker.HISTORY_DDL))
 
 
 def _start_spark(cfg: TokenizeConfig):
@@ -281,23 +338,15 @@ def _start_spark(cfg: TokenizeConfig):
     return spark
 
 
-def _duplicates(hashes) -> dict[int, list[int]]:
-    """{task: record indexes} of every exact duplicate but the first (by task, then index)."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    rank = F.row_number().over(Window.partitionBy("hash").orderBy("task", "idx"))
-    drop: dict[int, list[int]] = {}
-    for row in hashes.withColumn("rank", rank).filter("rank > 1").select("task", "idx").collect():
-        drop.setdefault(row["task"], []).append(row["idx"])
-    return drop
-
-
 def summary(m: dict, url: str) -> str:
     sp, inp = m["splits"], m["input"]
     tokens = sp["train"]["tokens"] + sp["validation"]["tokens"]
     skipped = ", ".join(f"{k} {v}" for k, v in inp["skipped"].items()) or "none"
-    return (
+    curated = ""
+    if cur := m.get("curation"):
+        steps = [f"{s['step']} {s['removed']:,}" for s in cur["funnel"] if s["step"] != "reader"]
+        curated = f"Curation removed: {', '.join(steps) or 'nothing'}. "
+    return curated + (
         f"Tokenized {inp['documents_used']:,} of {inp['documents_read']:,} documents "
         f"({inp['duplicates_removed']:,} exact duplicates removed; skipped: {skipped}) into "
         f"{tokens:,} tokens: train {sp['train']['sequences']:,} sequences in {len(sp['train']['shards'])} shards, "

@@ -20,8 +20,11 @@ from spark_jobs import tokenize_shard
 from spark_jobs.tokenize_shard import TokenizeConfig
 
 
+# Tokenizing and packing as such: no curation filter and no near dedup, whose word-salad
+# documents the code preset would remove (tests/test_curate.py covers curation).
 BASE = {"seq_len": 64, "spark_master": "local[2]", "shard_sequences": 40, "validation_fraction": 0.1,
-        "tokenizer": {"vocab_size": 400, "train_sample_mb": 1}}
+        "tokenizer": {"vocab_size": 400, "train_sample_mb": 1},
+        "curate": {"filters": "none", "near_dedup": {"enabled": False}}}
 
 
 def run(corpus_uri, out, storage=None, **kw):
@@ -199,7 +202,8 @@ def test_published_shard_set_is_not_overwritten_without_the_flag(tmp_path, demo_
     m2 = run(demo_corpus_dir, tmp_path / "s", seq_len=32, overwrite=True)
     assert m2["seq_len"] == 32 and m["seq_len"] == 64
     listed = {s["path"] for sp in ("train", "validation") for s in m2["splits"][sp]["shards"]}
-    on_disk = {p.relative_to(tmp_path / "s").as_posix() for p in (tmp_path / "s").rglob("*.parquet")}
+    on_disk = {p.relative_to(tmp_path / "s").as_posix() for split in ("train", "validation")
+               for p in (tmp_path / "s" / split).rglob("*.parquet")}
     assert listed == on_disk  # no stale shards of the replaced run
 
 
