@@ -51,6 +51,12 @@ class CheckConfig:
     min_validation_sequences: int = 1
     eos_rate_tolerance: float = 0.01  # relative tolerance of EOS per sequence around the corpus-derived rate
     workers: int = 4  # shards checked concurrently
+    # shard suite, on the manifest's curation funnel: the share of the documents reaching a step
+    # that it may remove (the reader is bound by max_skipped_fraction, exact_dedup by max_duplicate_rate)
+    max_removed_fraction: float = 0.5
+    max_removed_fraction_by_step: dict[str, float] = field(default_factory=dict)  # e.g. {language: 0.8}
+    max_contaminated_documents: int = 0  # documents sharing an n-gram with the evaluation texts
+    min_kept_language_share: float = 0.5  # share of language-identified documents in curate.languages
     reader: CorpusConfig = field(default_factory=CorpusConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 

@@ -125,7 +125,36 @@ def shard_tables(store, cfg) -> dict[str, pd.DataFrame]:
         rows = list(pool.map(lambda j: _shard_row(store, j[0], j[1], j[2], on_storage.get(j[0]), geometry), jobs))
     shards = pd.DataFrame(rows, columns=SHARD_COLUMNS)
     splits = pd.DataFrame([_split_row(split, m, shards, cfg) for split in manifest.SPLITS])
-    return {"dataset": pd.DataFrame([ds]), "splits": splits, "shards": shards}
+    funnel, facts = curation_facts(m, cfg)
+    ds.update(facts)
+    return {"dataset": pd.DataFrame([ds]), "splits": splits, "shards": shards, "curation": funnel}
+
+
+CURATION_COLUMNS = ["step", "documents_before", "removed", "removed_fraction", "max_removed_fraction", "reasons"]
+
+
+def curation_facts(m: dict | None, cfg) -> tuple[pd.DataFrame, dict]:
+    """The manifest's curation funnel, one row per step with the share of the documents reaching
+    it that it removed and its bound, plus the contamination count and the kept-language share."""
+    cur = (m or {}).get("curation")
+    facts = {"contaminated_documents": 0, "kept_language_share": 1.0, "documents_in": None, "documents_out": None}
+    if not cur:
+        return pd.DataFrame(columns=CURATION_COLUMNS), facts
+    bounds = {"reader": cfg.max_skipped_fraction, "exact_dedup": cfg.max_duplicate_rate,
+              "decontaminate": 1.0, **cfg.max_removed_fraction_by_step}
+    rows, before = [], cur["documents_in"]
+    for s in cur["funnel"]:
+        rows.append({"step": s["step"], "documents_before": before, "removed": s["removed"],
+                     "removed_fraction": s["removed"] / before if before else 0.0,
+                     "max_removed_fraction": bounds.get(s["step"], cfg.max_removed_fraction),
+                     "reasons": json.dumps(s["reasons"], sort_keys=True)})
+        before -= s["removed"]
+    langs, kept = cur.get("languages") or {}, set(cur.get("kept_languages") or [])
+    facts.update(documents_in=cur["documents_in"], documents_out=cur["documents_out"],
+                 contaminated_documents=sum(s["removed"] for s in cur["funnel"] if s["step"] == "decontaminate"))
+    if langs:
+        facts["kept_language_share"] = sum(n for lang, n in langs.items() if lang in kept) / sum(langs.values())
+    return pd.DataFrame(rows, columns=CURATION_COLUMNS), facts
 
 
 SHARD_COLUMNS = [

@@ -21,7 +21,7 @@ if settings.get("GX_ANALYTICS_ENABLED") is None:
     os.environ["GX_ANALYTICS_ENABLED"] = "false"
 
 # The column that names the offending row in each table.
-KEYS = {"files": "file", "shards": "path", "splits": "split", "dataset": None}
+KEYS = {"files": "file", "shards": "path", "splits": "split", "curation": "step", "dataset": None}
 
 
 @dataclass
@@ -98,6 +98,18 @@ def shard_expectations(cfg, vocab_size: int | None) -> dict[str, list]:
             is_true("tokenizer_sha256_matches", "The tokenizer file's sha256 matches the manifest"),
             gxe.ExpectColumnValuesToBeBetween(column="validation_sequences", min_value=cfg.min_validation_sequences,
                                               description="The validation split is non-empty"),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="contaminated_documents", max_value=cfg.max_contaminated_documents,
+                description=f"At most {cfg.max_contaminated_documents} document(s) share an n-gram with the "
+                            "evaluation texts (curate.decontaminate)"),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="kept_language_share", min_value=cfg.min_kept_language_share,
+                description=f"At least {cfg.min_kept_language_share:.0%} of the documents are in a kept language"),
+        ],
+        "curation": [
+            gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+                column_A="max_removed_fraction", column_B="removed_fraction", or_equal=True,
+                description="Each curation step removes at most its bound's share of the documents reaching it"),
         ],
         "splits": [
             gxe.ExpectColumnPairValuesToBeEqual(column_A="sequences_manifest", column_B="sequences_in_shards",
@@ -163,7 +175,24 @@ def run(kind: str, tables: dict[str, pd.DataFrame], expectations: dict[str, list
     from data_checks.offline_docs import localize
 
     localize(docs)
+    if len(tables.get("curation", ())):
+        _funnel_chart(docs, tables["curation"])
     return Outcome(not failed, failed, summary, docs / "index.html")
+
+
+def _funnel_chart(docs: Path, funnel: pd.DataFrame) -> None:
+    """The curation funnel as a chart at the top of the Data Docs index."""
+    import re
+
+    from lmpipe.charts import funnel_png
+
+    funnel_png(int(funnel["documents_before"].iloc[0]), list(zip(funnel["step"], funnel["removed"].astype(int))),
+               docs / "funnel.png")
+    index = docs / "index.html"
+    section = ('<div class="container-fluid" id="curation-funnel"><h4>Curation funnel of these shards</h4>'
+               '<img src="funnel.png" alt="curation funnel" style="max-width:100%"></div>')
+    index.write_text(re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + section, index.read_text(encoding="utf-8"),
+                            count=1), encoding="utf-8")
 
 
 def _describe(table: str, r, df: pd.DataFrame) -> dict:

@@ -18,7 +18,8 @@ from lmpipe.errors import LmpipeError
 from lmpipe.log import log
 from lmpipe.storage import is_s3, open_store
 
-INPUTS = ("train_config.json", "metrics.jsonl", "eval/metrics.json", "data/data_checks.json", "model_version.json")
+INPUTS = ("train_config.json", "metrics.jsonl", "eval/metrics.json", "data/data_checks.json", "data/manifest.json",
+          "model_version.json")
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1000px;color:#222}
 h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd}
@@ -89,7 +90,8 @@ def build(run: str | Path, inline: bool = False, label: str | None = None) -> Pa
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").is_file() else []
     parts = [f"<h1>lmpipe run report</h1><p>Run folder <code>{html.escape(label or str(run))}</code></p>",
              *_training(metrics, out), *_comparison(_read(run / "eval" / "metrics.json"), out),
-             *_checks(_read(run / "data" / "data_checks.json")), *_lineage_table(_read(run / "model_version.json"))]
+             *_checks(_read(run / "data" / "data_checks.json")), *_curation(_read(run / "data" / "manifest.json"), out),
+             *_lineage_table(_read(run / "model_version.json"))]
     if inline:
         parts = [_inline_images(p, out) for p in parts]
     page = out / "index.html"
@@ -100,7 +102,7 @@ def build(run: str | Path, inline: bool = False, label: str | None = None) -> Pa
 
 
 def _inline_images(part: str, out: Path) -> str:
-    for name in ("loss.png", "perplexity.png"):
+    for name in ("loss.png", "perplexity.png", "funnel.png"):
         if f'src="{name}"' in part:
             data = base64.b64encode((out / name).read_bytes()).decode()
             part = part.replace(f'src="{name}"', f'src="data:image/png;base64,{data}"')
@@ -159,6 +161,24 @@ def _checks(checks: dict | None) -> list[str]:
     return [*parts, f"<p class={'ok' if ok else 'bad'}>{'passed' if ok else 'FAILED'}</p>"
                     f'<p><a id="data-docs" href="{html.escape(href)}">Open the Data Docs</a> · result '
                     f"<code>{html.escape(checks['result'])}</code></p>"]
+
+
+def _curation(m: dict | None, out: Path) -> list[str]:
+    """The shard set's curation funnel: a chart, and each step's removals by reason."""
+    cur = (m or {}).get("curation")
+    if not cur:
+        return []
+    from lmpipe.charts import funnel_png
+
+    funnel_png(cur["documents_in"], [(s["step"], s["removed"]) for s in cur["funnel"]], out / "funnel.png")
+    rows = "".join(f"<tr><td>{html.escape(s['step'])}</td><td>{s['removed']:,}</td><td>"
+                   + html.escape(", ".join(f"{k} {v:,}" for k, v in s["reasons"].items()) or "-") + "</td></tr>"
+                   for s in cur["funnel"])
+    langs = ", ".join(f"{k} {v:,}" for k, v in sorted(cur.get("languages", {}).items(), key=lambda kv: -kv[1])[:10])
+    return ["<h2>Curation</h2>", '<img id="funnel-plot" src="funnel.png" alt="curation funnel">',
+            f'<table id="funnel"><tr><th>step</th><th>removed</th><th>by reason</th></tr>{rows}</table>',
+            f"<p>{cur['documents_in']:,} documents in, {cur['documents_out']:,} out."
+            + (f" Languages: {html.escape(langs)}." if langs else "") + "</p>"]
 
 
 def _lineage_table(mv: dict | None) -> list[str]:

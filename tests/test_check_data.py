@@ -65,7 +65,7 @@ def assert_report(result, *needles):
     index = Path(result["data_docs"])
     assert index.is_file()
     pages = list(index.parent.glob("validations/**/*.html"))
-    assert len(pages) == 3
+    assert len(pages) == 4  # dataset, splits, shards, curation
     html = "\n".join(p.read_text() for p in pages)
     for n in needles:
         assert n in html
@@ -76,9 +76,11 @@ def assert_report(result, *needles):
 def test_intact_shards_pass(shards):
     result = check(shards=str(shards))
     assert result["success"], result["failed"]
-    assert len(result["expectations"]) == 20
+    assert len(result["expectations"]) == 23
     assert Path(result["results_uri"]).parent == shards / "_checks"
-    assert_report(result, "sha256_matches")
+    assert_report(result, "sha256_matches", "Each curation step removes at most")
+    docs = Path(result["data_docs"])
+    assert 'id="curation-funnel"' in docs.read_text() and (docs.parent / "funnel.png").stat().st_size > 1000
 
 
 def test_flipped_byte(shards):
