@@ -73,6 +73,13 @@ PARAMS = {
                                     "its tokenizer is kept)"),
     "seq_len": Param(TOK.seq_len, type="integer", minimum=8, maximum=65536, title="Sequence length",
                      description="Tokens per training sequence; at most the recipe's max_position_embeddings"),
+    "curate": Param(TOK.curate.filters, type="string", enum=["code", "web", "none"], title="Curation preset",
+                    description="Filters before tokenizing: code (line length, alphanumeric share, generated files, "
+                                "secrets), web (Gopher, C4, FineWeb, language) or none; near-dup and exact dedup "
+                                "always run. A list of filters goes in tokenize overrides (curate.filters=[...])"),
+    "decontaminate": Param(None, type=["null", "string"], title="Evaluation texts",
+                           description="File, folder or s3:// prefix of evaluation texts (JSONL or txt): documents "
+                                       "sharing a 13-word n-gram with them are removed, and the data gate fails"),
     "zero_stage": Param(DS.zero_stage, type="integer", enum=choices(DeepSpeedConfig, "zero_stage"), title="ZeRO stage",
                         description="DeepSpeed ZeRO stage"),
     "nproc": Param(LAUNCH.nproc, type=["null", "integer"], minimum=1, maximum=64, title="Ranks per node",

@@ -109,7 +109,8 @@ def test_every_task_has_retries_delay_and_timeout(probe):
 
 def test_params_have_schema_description_and_default(probe):
     dag = probe["dags"]["lm_pipeline"]
-    assert set(dag["params"]) == {"corpus", "output", "recipe", "vocab_size", "seq_len", "zero_stage", "nproc", "nodes",
+    assert set(dag["params"]) == {"corpus", "output", "recipe", "vocab_size", "seq_len", "curate", "decontaminate",
+                                  "zero_stage", "nproc", "nodes",
                                   "max_steps", "warm_start", "margin", "tokenize_overrides", "check_overrides",
                                   "train_overrides", "evaluate_overrides", "promote_overrides"}
     for name, schema in dag["params"].items():
@@ -129,6 +130,9 @@ def test_params_take_defaults_and_choices_from_the_stages_own_config(probe):
     assert dag["defaults"]["zero_stage"] == train.deepspeed.zero_stage and dag["params"]["zero_stage"]["enum"] == [0, 1, 2, 3]
     assert dag["defaults"]["nproc"] == train.launch.nproc and dag["defaults"]["nodes"] == train.launch.num_nodes
     assert dag["defaults"]["max_steps"] is None and dag["defaults"]["margin"] == PromoteConfig().margin
+    from spark_jobs.curate.filters import PRESETS
+
+    assert dag["defaults"]["curate"] == tok.curate.filters == "code" and dag["params"]["curate"]["enum"] == list(PRESETS)
 
 
 def test_param_schemas_accept_good_and_reject_bad_values(probe):

@@ -55,11 +55,14 @@ def default_output() -> str:
 # anyone who can trigger a run could otherwise delete folders or send the keys elsewhere.
 OVERRIDABLE = {
     "tokenize": ("validation_fraction", "partition_mb", "shard_sequences", "compression", "dedup", "reader.*",
+                 "curate.filters", "curate.languages", "curate.keep_removed", "curate.removed_sample",
+                 "curate.decontaminate_ngram", "curate.near_dedup.*",
                  "tokenizer.vocab_size", "tokenizer.eos_token", "tokenizer.special_tokens", "tokenizer.min_frequency",
                  "tokenizer.train_sample_mb"),
     "check": ("min_documents", "min_doc_chars", "max_doc_chars", "max_out_of_bounds_fraction", "max_null_text_fraction",
               "max_duplicate_rate", "max_skipped_fraction", "min_validation_sequences", "eos_rate_tolerance", "workers",
-              "reader.*"),
+              "max_removed_fraction", "max_removed_fraction_by_step.*", "max_contaminated_documents",
+              "min_kept_language_share", "reader.*"),
     "train": ("model.*", "micro_batch_size", "grad_accum", "global_batch_size", "max_steps", "seed", "save_every",
               "keep_checkpoints", "log_every", "nan_abort_after", "prefetch", "optim.*", "deepspeed.zero_stage",
               "deepspeed.offload_optimizer", "deepspeed.offload_params", "deepspeed.precision",
@@ -94,7 +97,8 @@ def run_config(params: dict, root: str, base: str | None) -> dict:
         raise ConfigError("nodes > 1 needs a DeepSpeed hostfile: set LMPIPE_HOSTFILE on the workers")
     data = {
         "tokenize": {"corpus": params["corpus"], "out": shards, "base": base, "seq_len": params["seq_len"],
-                     "tokenizer": {"vocab_size": params["vocab_size"]}},
+                     "tokenizer": {"vocab_size": params["vocab_size"]},
+                     "curate": {"filters": params.get("curate", "code"), "decontaminate": params.get("decontaminate")}},
         "check": {"corpus": params["corpus"], "shards": shards, "results": join(root, "checks"), "run_id": "pipeline"},
         "train": {"shards": shards, "out": train, "recipe": params["recipe"], "max_steps": params["max_steps"],
                   "data_checks": join(root, "checks", "shards", "result.json"),
