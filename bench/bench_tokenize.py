@@ -57,6 +57,7 @@ def main() -> None:
     cfg = cfglib.build(tokenize_shard.TokenizeConfig, {
         "corpus": corpus_uri, "out": str(work / "shards"), "seq_len": 1024, "overwrite": True,
         "spark_master": f"local[{cores}]", "tokenizer": {"path": str(tok_path)},
+        "curate": {"filters": "none", "near_dedup": {"enabled": False}},  # tokenize alone: bench_curate adds curation
     })
     t0 = time.perf_counter()
     m = tokenize_shard.run(cfg)
