@@ -164,9 +164,14 @@ def _already_published(cfg: TokenizeConfig, n_files: int, n_bytes: int) -> dict 
         return None
     shards = [s for split in manifest.SPLITS for s in m["splits"][split]["shards"]]
     for s in shards:
-        if out.sha256(s["path"]) != s["sha256"]:
-            raise LmpipeError(f"{cfg.out} was published from this corpus and config, but {s['path']} does not match "
-                              "its sha256 in the manifest: pass overwrite=true to rebuild the shard set")
+        src, key = manifest.shard_location(out, s, cfg.storage)  # a base's shard is checked where it lives
+        try:
+            actual = src.sha256(key)
+        except StorageError as exc:
+            actual = f"unreadable ({exc})"
+        if actual != s["sha256"]:
+            raise LmpipeError(f"{cfg.out} was published from this corpus and config, but {src.url(key)} does not match "
+                              f"its sha256 in the manifest ({actual}): pass overwrite=true to rebuild the shard set")
     log(f"{cfg.out} was already published from this corpus and config (run {m['run_id']}): "
         f"{len(shards)} shards verified, nothing to do")
     return m
@@ -202,15 +207,20 @@ def _base(cfg: TokenizeConfig) -> tuple[dict | None, object]:
         raise ConfigError(f"config key 'base': {cfg.base} was tokenized from {m['input']['uri']}, not {cfg.corpus}")
     if m["seq_len"] != cfg.seq_len:
         raise ConfigError(f"config key 'seq_len' is {cfg.seq_len} but base {cfg.base} has seq_len {m['seq_len']}")
+    roots = {sh["root"] for sp in m["splits"].values() for sh in sp["shards"] if "root" in sh}
+    if open_store(cfg.out, cfg.storage).uri in {store.uri} | {open_store(r, cfg.storage).uri for r in roots}:
+        raise ConfigError(f"config key 'out': {cfg.out} holds shards that base {cfg.base} references: "
+                          "write to a new prefix")
     return m, store
 
 
 def _copy_base(base_store, base_m: dict, out) -> None:
-    keys = [sh["path"] for sp in base_m["splits"].values() for sh in sp["shards"]]
+    keys: list[str] = []  # not the shards: the merged manifest references them where they live
     t0 = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda k: copy_object(base_store, k, out), keys))
-    log(f"merged {len(keys)} shards of the base shard set {base_store.uri} in {time.monotonic() - t0:.1f}s")
+    if keys:
+        log(f"copied {len(keys)} files of the base shard set {base_store.uri} in {time.monotonic() - t0:.1f}s")
 
 
 def _quarantine(cfg: TokenizeConfig, rows, stats: Counter) -> list[str]:
