@@ -1,6 +1,7 @@
-"""Incremental runs reference their base's shards where they live, and every reader follows the
-references. Expected values come from the files themselves, read with ``json``, ``pyarrow``
-and ``hashlib``, never with the code under test."""
+"""Incremental runs reference their base's shards where they live, every reader follows the
+references, and ``lmpipe compact`` makes a lineage self-contained again. Expected values come
+from the files themselves, read with ``json``, ``pyarrow`` and ``hashlib``, never with the code
+under test."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 from conftest import write_jsonl
 from data_checks import check_data
 from lmpipe import config
+from lmpipe.cli import main as lmpipe_main
 from lmpipe.errors import LmpipeError, StorageError
 from test_tokenize_shard import run
 from training.data import ShardSet
@@ -46,6 +48,10 @@ def rows_of(files: list[Path]) -> np.ndarray:
     return np.concatenate([np.array(pq.read_table(f).column("input_ids").to_pylist(), dtype=np.int64) for f in files])
 
 
+def compact(*args: str) -> int:
+    return lmpipe_main(["compact", *args])
+
+
 def parquet_files(folder: Path) -> set[str]:
     return {str(Path(d, f).relative_to(folder)) for d, _, fs in os.walk(folder) for f in fs if f.endswith(".parquet")}
 
@@ -53,7 +59,7 @@ def parquet_files(folder: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def lineage(tmp_path_factory, demo_corpus_dir):
     """Three nightly runs of one local corpus, each on top of the one before."""
-    root = tmp_path_factory.mktemp("lineage")
+    root = tmp_path_factory.mktemp("lineage").resolve()  # roots are resolved paths
     corpus, runs = root / "corpus", root / "runs"
     for i, day in enumerate(days(demo_corpus_dir)):
         write_jsonl(corpus / f"date=2026-11-2{i}" / "part-0.jsonl", day)
@@ -110,7 +116,7 @@ def flipped(path: Path) -> bytes:
 
 
 @pytest.mark.slow
-def test_a_changed_or_missing_referenced_shard_is_refused_naming_its_url(lineage, tmp_path):
+def test_a_changed_or_missing_referenced_shard_is_refused_naming_its_url(lineage, tmp_path, capsys):
     first, second, third = lineage["runs"]
     entry = next(e for e in manifest_json(third)["splits"]["train"]["shards"] if e.get("root") == str(first))
     target = file_of(third, entry)
@@ -120,10 +126,15 @@ def test_a_changed_or_missing_referenced_shard_is_refused_naming_its_url(lineage
             ShardSet(str(third), tmp_path / "a")
         with pytest.raises(LmpipeError, match=re.escape(f"{target} does not match its sha256")):  # a retried run
             run(lineage["corpus"], third, base=str(second), **SETTINGS)
+        assert compact("--shards", str(third), "--out", str(tmp_path / "c")) == 1
+        assert f"shard {target}, listed in {third}/manifest.json, copied to" in capsys.readouterr().err
+        assert not (tmp_path / "c" / "manifest.json").exists()
         target.unlink()
         with pytest.raises(StorageError, match=re.escape(f"shard {target}, listed in {third}/manifest.json, "
                                                          "does not exist")):
             ShardSet(str(third), tmp_path / "b")
+        assert compact("--shards", str(third), "--out", str(tmp_path / "d")) == 1
+        assert f"shard {target}, listed in {third}/manifest.json, cannot be copied: no object" in capsys.readouterr().err
     finally:
         target.write_bytes(original)
     assert run(lineage["corpus"], third, base=str(second), **SETTINGS) == manifest_json(third)  # verified and kept
@@ -165,3 +176,54 @@ def test_the_shard_check_reads_referenced_shards_where_they_live(lineage):
         assert "listed_in_manifest" not in bad  # the referenced set's files are not this set's own
     finally:
         target.write_bytes(original)
+
+
+# ---------------------------------------------------------------- lmpipe compact
+
+
+@pytest.mark.slow
+def test_compact_makes_a_self_contained_set(lineage, tmp_path, capsys):
+    third, out = lineage["runs"][2], tmp_path.resolve() / "compacted"
+    assert compact("--shards", str(third), "--out", str(out), "log_every=2") == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    src, m = manifest_json(third), manifest_json(out)
+    assert "\"root\"" not in json.dumps(m)
+    listed = {e["path"]: e for sp in SPLITS for e in src["splits"][sp]["shards"]}
+    assert parquet_files(out) == set(listed)
+    for path, e in listed.items():
+        assert sha(out / path) == sha(file_of(third, e)) == e["sha256"]
+    assert (out / "tokenizer.json").read_bytes() == (third / "tokenizer.json").read_bytes()
+    assert (out / "tokenize_config.json").read_bytes() == (third / "tokenize_config.json").read_bytes()
+    assert not (out / "_checks").exists()
+    for split in SPLITS:
+        assert m["splits"][split]["sequences"] == src["splits"][split]["sequences"]
+        expected = rows_of([file_of(third, e) for e in src["splits"][split]["shards"]])
+        data = ShardSet(str(out), tmp_path / "cache", split=split)
+        assert np.array_equal(data.rows(np.arange(len(data))), expected)
+
+    # a published set is never replaced without --overwrite
+    before = (out / "manifest.json").read_bytes()
+    assert compact("--shards", str(third), "--out", str(out)) == 1
+    assert "already exists" in capsys.readouterr().err and (out / "manifest.json").read_bytes() == before
+    assert compact("--shards", str(third), "--out", str(out), "--overwrite") == 0
+    assert manifest_json(out)["splits"] == m["splits"]
+
+
+def test_compact_refuses_bad_inputs_naming_them(tmp_path, capsys):
+    tmp_path = tmp_path.resolve()
+    assert compact("--shards", "ftp://host/shards", "--out", str(tmp_path / "o")) == 1
+    assert "unsupported storage URI 'ftp://host/shards'" in capsys.readouterr().err
+    assert compact("--shards", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")) == 1
+    assert f"no manifest.json under {tmp_path / 'nothing'}" in capsys.readouterr().err
+    assert compact("--out", str(tmp_path / "o")) == 2
+    assert "'shards' and 'out' are required" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_compact_refuses_an_out_that_the_lineage_reads(lineage, capsys):
+    first, _, third = lineage["runs"]
+    for out in (third, first, third / "inside"):
+        assert compact("--shards", str(third), "--out", str(out), "--overwrite") == 2
+        assert "compact into a new prefix" in capsys.readouterr().err
+    assert (third / "manifest.json").exists() and (first / "manifest.json").exists()

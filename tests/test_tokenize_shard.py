@@ -15,6 +15,7 @@ import pytest
 
 from conftest import HOSTILE_READER, write_hostile_corpus, write_jsonl
 from lmpipe import config, manifest
+from lmpipe.cli import main as lmpipe_main
 from lmpipe.errors import CorpusError, LmpipeError, ManifestError
 from lmpipe.manifest import read_shard
 from lmpipe.storage import open_store
@@ -311,6 +312,17 @@ def test_incremental_run_tokenizes_only_new_partitions_and_merges(tmp_path, demo
         assert third["splits"][split]["shards"] == [{**s, "root": s.get("root", f"s3://{bucket}/runs/2/shards")}
                                                     for s in second["splits"][split]["shards"]]
         assert {s["root"] for s in third["splits"][split]["shards"]} == {f"s3://{bucket}/runs/{i}/shards" for i in (1, 2)}
+    # compacted on the same endpoint (server-side copies): every listed shard under one prefix, no root left
+    assert lmpipe_main(["compact", "--shards", f"s3://{bucket}/runs/3/shards", "--out", f"s3://{bucket}/compact",
+                        f"storage.endpoint_url={storage_cfg.endpoint_url}"]) == 0
+    compacted = json.loads(s3.get_object(Bucket=bucket, Key="compact/manifest.json")["Body"].read())
+    listed = {s["path"]: s for sp in ("train", "validation") for s in third["splits"][sp]["shards"]}
+    assert "\"root\"" not in json.dumps(compacted) and compacted["splits"]["train"]["sequences"] == \
+        third["splits"]["train"]["sequences"]
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="compact/")["Contents"]}
+    assert {k for k in keys if k.endswith(".parquet")} == {f"compact/{p}" for p in listed}
+    assert all(s3_sha(s3, bucket, "compact", p) == e["sha256"] for p, e in listed.items())
+
     with pytest.raises(config.ConfigError, match="seq_len"):
         run(f"s3://{bucket}/corpus", f"s3://{bucket}/runs/4/shards", storage_cfg, base=f"s3://{bucket}/runs/2/shards",
             seq_len=32)
