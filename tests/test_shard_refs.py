@@ -19,7 +19,7 @@ from conftest import write_jsonl
 from data_checks import check_data
 from lmpipe import config
 from lmpipe.cli import main as lmpipe_main
-from lmpipe.errors import LmpipeError, StorageError
+from lmpipe.errors import ConfigError, LmpipeError, StorageError
 from test_tokenize_shard import run
 from training.data import ShardSet
 
@@ -106,6 +106,16 @@ def test_the_training_reader_follows_references(lineage, tmp_path):
         expected = rows_of([file_of(third, e) for e in m["splits"][split]["shards"]])
         assert len(data) == len(expected) == m["splits"][split]["sequences"]
         assert np.array_equal(data.rows(np.arange(len(data))), expected)
+
+
+@pytest.mark.slow
+def test_an_incremental_run_never_writes_over_shards_its_base_references(lineage):
+    first, second, _ = lineage["runs"]
+    for out in (second, first):  # the base itself, or a set whose files the base lists
+        before = (out / "manifest.json").read_bytes()
+        with pytest.raises(ConfigError, match=re.escape(f"{out} holds shards that base {second} references")):
+            run(lineage["corpus"], out, base=str(second), overwrite=True, **SETTINGS)
+        assert (out / "manifest.json").read_bytes() == before and parquet_files(out)
 
 
 def flipped(path: Path) -> bytes:
