@@ -122,7 +122,7 @@ def shard_tables(store, cfg) -> dict[str, pd.DataFrame]:
     jobs = [(p, *listed.get(p, (p.split("/", 1)[0], None))) for p in sorted(set(listed) | set(on_storage))]
     geometry = (m["seq_len"] + 1, m["tokenizer"]["vocab_size"], m["tokenizer"]["eos_id"]) if m else None
     with concurrent.futures.ThreadPoolExecutor(max(1, cfg.workers)) as pool:
-        rows = list(pool.map(lambda j: _shard_row(store, j[0], j[1], j[2], on_storage.get(j[0]), geometry), jobs))
+        rows = list(pool.map(lambda j: _shard_row(store, j[0], j[1], j[2], on_storage, geometry, cfg.storage), jobs))
     shards = pd.DataFrame(rows, columns=SHARD_COLUMNS)
     splits = pd.DataFrame([_split_row(split, m, shards, cfg) for split in manifest.SPLITS])
     funnel, facts = curation_facts(m, cfg)
@@ -161,7 +161,7 @@ SHARD_COLUMNS = [
     "path", "split", "listed_in_manifest", "exists", "bytes", "bytes_expected", "bytes_match", "sha256",
     "sha256_expected", "sha256_matches", "readable", "error", "sequences", "sequences_expected", "sequences_match",
     "tokens", "tokens_expected", "tokens_match", "row_length", "bad_length_rows", "min_token_id", "max_token_id",
-    "eos_count",
+    "eos_count", "url",
 ]
 
 
@@ -176,36 +176,42 @@ def _tokenizer_facts(store, m) -> dict:
             "tokenizer_error": None if ok else f"{path} has sha256 {actual}, manifest says {m['tokenizer']['sha256']}"}
 
 
-def _shard_row(store, path: str, split: str, entry: dict | None, size: int | None, geometry) -> dict:
+def _shard_row(store, path: str, split: str, entry: dict | None, own: dict[str, int], geometry, storage) -> dict:
+    """One shard's facts, read where it lives: under ``store``, or in the shard set its manifest
+    entry references (``root``). ``own`` holds the sizes of the files under ``store``."""
     row = dict.fromkeys(SHARD_COLUMNS)
-    row.update(path=path, split=split, listed_in_manifest=entry is not None, exists=size is not None,
-               bytes=size, readable=False, bad_length_rows=0, eos_count=0)
+    row.update(path=path, split=split, listed_in_manifest=entry is not None, exists=False, readable=False,
+               bad_length_rows=0, eos_count=0)
     if entry:
         row.update(bytes_expected=entry["bytes"], sha256_expected=entry["sha256"],
                    sequences_expected=entry["sequences"], tokens_expected=entry["tokens"])
-    if size is None:
-        row["error"] = f"{path} is listed in the manifest but does not exist"
-        return _compare(row)
     tmp = None
     try:
-        local = getattr(store, "root", None)
+        src, key = manifest.shard_location(store, entry, storage) if entry else (store, path)
+        row["url"] = src.url(key)
+        size = own.get(path) if src is store else next((o.size for o in src.list(key) if o.key == key), None)
+        row.update(exists=size is not None, bytes=size)
+        if size is None:
+            row["error"] = f"{row['url']} is listed in the manifest but does not exist"
+            return _compare(row)
+        local = getattr(src, "root", None)
         h = hashlib.sha256()
         if local is not None:
-            local_path = store.path(path)
+            local_path = src.path(key)
             with open(local_path, "rb") as f:
                 while block := f.read(CHUNK):
                     h.update(block)
         else:  # one pass over the network: hash while spooling to a temp file for Parquet
             fd, tmp = tempfile.mkstemp(suffix=".parquet")
-            with os.fdopen(fd, "wb") as out, store.open(path) as src:
-                while block := src.read(CHUNK):
+            with os.fdopen(fd, "wb") as out, src.open(key) as body:
+                while block := body.read(CHUNK):
                     h.update(block)
                     out.write(block)
             local_path = tmp
         row["sha256"] = h.hexdigest()
         _read_parquet(local_path, row, geometry)
     except (StorageError, OSError) as exc:
-        row["error"] = f"{path}: {exc}"
+        row["error"] = f"{row['url'] or path}: {exc}"
     finally:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
@@ -217,7 +223,7 @@ def _read_parquet(local_path, row: dict, geometry) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    path = row["path"]
+    path = row["url"] or row["path"]
     try:
         pf = pq.ParquetFile(local_path)
         if "input_ids" not in pf.schema_arrow.names:
@@ -257,6 +263,9 @@ def _compare(row: dict) -> dict:
     row["sha256_matches"] = row["sha256"] == row["sha256_expected"]
     row["sequences_match"] = row["sequences"] == row["sequences_expected"]
     row["tokens_match"] = row["tokens"] == row["tokens_expected"]
+    if row["error"] is None and not (row["bytes_match"] and row["sha256_matches"]):
+        row["error"] = (f"{row['url']} has {row['bytes']} bytes, sha256 {row['sha256']}; the manifest says "
+                        f"{row['bytes_expected']} bytes, sha256 {row['sha256_expected']}")
     return row
 
 

@@ -8,6 +8,11 @@ Shard format: a Parquet file with one column ``input_ids``, a fixed-size list of
 ``seq_len + 1`` unsigned ints (uint16 when the vocab fits, else uint32). Each row holds
 seq_len inputs plus the shifted target.
 
+A shard entry may carry a ``root``: the URI of the shard set that holds its file (an
+incremental run references its base's shards where they live instead of copying them);
+without one the file lives under the manifest's own prefix. :func:`shard_location` is where
+every reader resolves an entry.
+
 This module builds manifests (:func:`build`), merges an incremental run's into its base's
 (:func:`merge`), validates, reads and writes them, and reads and writes shard files.
 """
@@ -22,7 +27,7 @@ from typing import Any
 import jsonschema
 
 from lmpipe.errors import ManifestError, StorageError
-from lmpipe.storage import Store
+from lmpipe.storage import StorageConfig, Store, open_store
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
@@ -39,6 +44,9 @@ _SHARD = {
         "tokens": {"type": "integer", "minimum": 0},
         "bytes": {"type": "integer", "minimum": 0},
         "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        # The shard set holding the file, as an absolute URI: a relative one would depend on the
+        # reader's working directory.
+        "root": {"type": "string", "pattern": "^(s3://[^/]+|file:///|/)"},
     },
 }
 _SPLIT = {
@@ -194,11 +202,12 @@ def funnel(curation: Mapping[str, Any], stats: Mapping[str, int], used: int) -> 
 
 def merge(base: Mapping[str, Any], new: dict[str, Any], base_uri: str) -> dict[str, Any]:
     """An incremental run's manifest covering its base's shards too: ``new`` describes only the
-    files the base had not seen; the result lists every shard and counts every document."""
+    files the base had not seen; the result lists every shard and counts every document. The
+    base's shards are referenced where they live (:func:`referenced`), never copied."""
     out = json.loads(json.dumps(new))
     for split in SPLITS:
         b, n = base["splits"][split], out["splits"][split]
-        n["shards"] = sorted(b["shards"] + n["shards"], key=lambda s: s["path"])
+        n["shards"] = sorted(referenced(b["shards"], base_uri) + n["shards"], key=lambda s: s["path"])
         n["sequences"] = sum(s["sequences"] for s in n["shards"])
         n["tokens"] = sum(s["tokens"] for s in n["shards"])
         for k in SPLIT_COUNTS:
@@ -241,6 +250,20 @@ def read_parts(m: Mapping[str, Any]) -> int:
     an incremental run numbers its tasks from here, so its shard names never collide."""
     return 1 + max((int(sh["path"].split("/")[1].split("-")[1]) for sp in m["splits"].values()
                     for sh in sp["shards"]), default=-1)
+
+
+def referenced(entries: list[Mapping[str, Any]], base_uri: str) -> list[dict[str, Any]]:
+    """A base's shard entries as another shard set lists them: each with the ``root`` of the set
+    holding its file. An entry that has a root keeps it, so a chain of incremental runs points
+    at the original files, never at a chain of manifests."""
+    return [{**e, "root": e.get("root") or base_uri} for e in entries]
+
+
+def shard_location(store: Store, entry: Mapping[str, Any], storage: StorageConfig | None = None) -> tuple[Store, str]:
+    """Where a shard entry of the manifest under ``store`` lives: the store of its ``root`` (opened
+    with the same storage settings), or ``store`` itself, and the file's key there."""
+    root = entry.get("root")
+    return (open_store(root, storage) if root else store), entry["path"]
 
 
 # ---------------------------------------------------------------- shard files

@@ -30,7 +30,7 @@ class TokenizeConfig:
     curate: CurateConfig = field(default_factory=CurateConfig)  # filters, near-dup, decontamination
     overwrite: bool = False  # replace a published shard set under ``out``
     # A previous shard set of the same corpus: tokenize only the corpus files it has not seen
-    # (e.g. new date partitions), with its tokenizer, and merge its shards into ``out``.
+    # (e.g. new date partitions), with its tokenizer; ``out``'s manifest references its shards.
     base: str | None = None
     run_id: str | None = None  # names the Spark app and the manifest's run; default: random
     reader: CorpusConfig = field(default_factory=CorpusConfig)

@@ -22,7 +22,6 @@ from lmpipe import config as cfglib
 from lmpipe import manifest
 from lmpipe.errors import ConfigError, CorpusError, LmpipeError, StorageError
 from lmpipe.log import log
-from lmpipe.storage import copy as copy_object
 from lmpipe.storage import open_store, split_uri
 from spark_jobs import corpus, worker
 from spark_jobs.config import TokenizeConfig, check
@@ -65,7 +64,8 @@ def run(cfg: TokenizeConfig) -> dict:
     rows, tags, spark_info = [], Counter(), {"version": None, "master": None, "tasks": 0}
     if spark_future:
         rows, tags, spark_info = _spark_pack(cfg, cstore, todo, tok.to_str(), tok_info, spark_future.result(),
-                                             manifest.read_parts(base_m) if base_m else 0, index, base_store)
+                                             manifest.read_parts(base_m) if base_m else 0, index,
+                                             signature_sets(out.uri, base_m, base_store and base_store.uri)[1:])
     stats = _stats(rows)
     listing = {"uri": cfg.corpus, "files": len(files), "new_files": len(todo), "bytes": total_bytes,
                "ignored_files": ignored, "file_list": [{"key": o.key, "size": o.size} for o in todo],
@@ -74,13 +74,12 @@ def run(cfg: TokenizeConfig) -> dict:
         skipped = {k.split(".", 1)[1]: v for k, v in sorted(stats.items()) if k.startswith("skipped.")}
         raise CorpusError(f"corpus {cfg.corpus} has zero usable documents"
                           f"{' in its new files' if base_m else ''}: skipped {skipped or 'none'}")
-    if base_m:
-        _copy_base(base_store, base_m, out)
     shards = [r for r in rows if r["kind"] == "shard"]
     m = manifest.build(seq_len=cfg.seq_len, tokenizer=tok_info, shards=shards, stats=stats, input=listing,
                        run_id=cfg.run_id, elapsed_s=time.monotonic() - t0, spark=spark_info,
                        config=cfglib.to_dict(cfg), config_file=CONFIG_FILE,
-                       curation=_curation(cfg, tags))
+                       curation={**_curation(cfg, tags),
+                                 "signatures": signature_sets(out.uri, base_m, base_store and base_store.uri)})
     if base_m:
         m = manifest.merge(base_m, m, base_store.uri)
     for split in manifest.SPLITS:
@@ -187,9 +186,14 @@ def _already_published(cfg: TokenizeConfig, n_files: int, n_bytes: int) -> dict 
         return None
     shards = [s for split in manifest.SPLITS for s in m["splits"][split]["shards"]]
     for s in shards:
-        if out.sha256(s["path"]) != s["sha256"]:
-            raise LmpipeError(f"{cfg.out} was published from this corpus and config, but {s['path']} does not match "
-                              "its sha256 in the manifest: pass overwrite=true to rebuild the shard set")
+        src, key = manifest.shard_location(out, s, cfg.storage)  # a base's shard is checked where it lives
+        try:
+            actual = src.sha256(key)
+        except StorageError as exc:
+            actual = f"unreadable ({exc})"
+        if actual != s["sha256"]:
+            raise LmpipeError(f"{cfg.out} was published from this corpus and config, but {src.url(key)} does not match "
+                              f"its sha256 in the manifest ({actual}): pass overwrite=true to rebuild the shard set")
     log(f"{cfg.out} was already published from this corpus and config (run {m['run_id']}): "
         f"{len(shards)} shards verified, nothing to do")
     return m
@@ -225,16 +229,21 @@ def _base(cfg: TokenizeConfig) -> tuple[dict | None, object]:
         raise ConfigError(f"config key 'base': {cfg.base} was tokenized from {m['input']['uri']}, not {cfg.corpus}")
     if m["seq_len"] != cfg.seq_len:
         raise ConfigError(f"config key 'seq_len' is {cfg.seq_len} but base {cfg.base} has seq_len {m['seq_len']}")
+    roots = {sh["root"] for sp in m["splits"].values() for sh in sp["shards"] if "root" in sh}
+    if open_store(cfg.out, cfg.storage).uri in {store.uri} | {open_store(r, cfg.storage).uri for r in roots}:
+        raise ConfigError(f"config key 'out': {cfg.out} holds shards that base {cfg.base} references: "
+                          "write to a new prefix")
     return m, store
 
 
-def _copy_base(base_store, base_m: dict, out) -> None:
-    keys = [sh["path"] for sp in base_m["splits"].values() for sh in sp["shards"]]
-    keys += [o.key for o in base_store.list(f"{worker.SIGNATURES}/")]  # the lineage's dedup history
-    t0 = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda k: copy_object(base_store, k, out), keys))
-    log(f"merged {len(keys)} shards of the base shard set {base_store.uri} in {time.monotonic() - t0:.1f}s")
+def signature_sets(out_uri: str, base_m: dict | None, base_uri: str | None) -> list[str]:
+    """The signature folders of a lineage, this run's first: an incremental run references its
+    base's (and those the base references) where they live, as it references their shards."""
+    own = [f"{out_uri.rstrip('/')}/{worker.SIGNATURES}"]
+    if not base_m:
+        return own
+    listed = (base_m.get("curation") or {}).get("signatures")
+    return own + (list(listed) if listed is not None else [f"{base_uri.rstrip('/')}/{worker.SIGNATURES}"])
 
 
 def _quarantine(cfg: TokenizeConfig, rows, stats: Counter) -> list[str]:
@@ -276,7 +285,7 @@ def curating(cfg: TokenizeConfig) -> bool:
 
 
 def _spark_pack(cfg: TokenizeConfig, cstore, files, tok_json: str, tok_info: dict, spark,
-                part_offset: int, decontamination, base_store=None) -> tuple[list, Counter, dict]:
+                part_offset: int, decontamination, history_sets=()) -> tuple[list, Counter, dict]:
     """Stages 1 and 2 on Spark: one read task per partition; shard names follow the task index,
     never the cluster size."""
     from spark_jobs import sparkutil
@@ -298,7 +307,7 @@ def _spark_pack(cfg: TokenizeConfig, cstore, files, tok_json: str, tok_info: dic
             with sparkutil.progress(spark, "curate (filters, hashes, MinHash signatures)"):
                 tags = stage.tag_counts(docs)
             with sparkutil.progress(spark, "dedup (exact and near)"):
-                history = _history(spark, cfg, base_store)
+                history = _history(spark, cfg, history_sets)
                 todo = stage.by_task(spark, task_df, stage.edits(spark, docs, cfg, history), len(tasks)).persist()
                 todo.count()
         with sparkutil.progress(spark, "tokenize"):
@@ -315,18 +324,17 @@ def _spark_pack(cfg: TokenizeConfig, cstore, files, tok_json: str, tok_info: dic
     return rows, tags, {"version": spark.version, "master": sc.master, "tasks": len(tasks)}
 
 
-def _history(spark, cfg: TokenizeConfig, base_store):
-    """The signatures of every earlier run of an incremental run's lineage (its base holds them
-    all), as rows for :func:`spark_jobs.curate.stage.edits`; None for a run without a base."""
-    if base_store is None:
+def _history(spark, cfg: TokenizeConfig, sets):
+    """The signatures of every earlier run of an incremental run's lineage (``sets``: their
+    folders), as rows for :func:`spark_jobs.curate.stage.edits`; None when there are none."""
+    files = [(uri, o.key) for uri in sets for o in open_store(uri, cfg.storage).list("") if o.key.endswith(".parquet")]
+    if sets:
+        log(f"incremental dedup against {len(files)} signature files of {len(sets)} earlier run(s)")
+    if not files:
         return None
-    keys = sorted(o.key for o in base_store.list(f"{worker.SIGNATURES}/") if o.key.endswith(".parquet"))
-    log(f"incremental dedup against {len(keys)} signature files of the base {base_store.uri}")
-    if not keys:
-        return None
-    files = spark.sparkContext.broadcast(keys)
-    return (spark.range(0, len(keys), numPartitions=min(len(keys), 64))
-            .mapInArrow(worker.read_signatures(base_store.uri, cfg.storage, files), worker.HISTORY_DDL))
+    plan = spark.sparkContext.broadcast(files)
+    return (spark.range(0, len(files), numPartitions=min(len(files), 64))
+            .mapInArrow(worker.read_signatures(cfg.storage, plan), worker.HISTORY_DDL))
 
 
 def _start_spark(cfg: TokenizeConfig):

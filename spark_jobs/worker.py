@@ -96,17 +96,18 @@ def _write_signatures(out, batch, part: int) -> None:
         out.put_file(f"{SIGNATURES}/part-{part:05d}.parquet", tmp.name)
 
 
-def read_signatures(uri: str, storage: StorageConfig, keys):
+def read_signatures(storage: StorageConfig, files):
     """Stage 1 of an incremental run, its history: the signature files of every earlier run of
-    the lineage as rows (``id`` < 0: earlier documents are always the ones kept)."""
+    the lineage (``files``: broadcast (folder URI, key) pairs) as rows (``id`` < 0: earlier
+    documents are always the ones kept)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     def fn(batches):
-        store = open_store(uri, storage)
         for batch in batches:
             for i in batch.column("id").to_pylist():
-                t = pq.read_table(pa.BufferReader(store.get_bytes(keys.value[i])))  # small; S3 bodies do not seek
+                uri, key = files.value[i]
+                t = pq.read_table(pa.BufferReader(open_store(uri, storage).get_bytes(key)))  # S3 bodies do not seek
                 ids = [-1 - ((i << 32) | j) for j in range(t.num_rows)]
                 yield pa.RecordBatch.from_pydict({"id": ids, **{k: t.column(k).to_pylist() for k in ("hash", "sig", "bands")}},
                                                  schema=HISTORY_SCHEMA)

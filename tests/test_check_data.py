@@ -113,7 +113,7 @@ def test_token_id_out_of_vocab(shards):
     rewrite(shards, rel, seqs)
     result = check(shards=str(shards))
     assert list(failed(result)) == ["max_token_id"]
-    assert failed(result)["max_token_id"][0] == {"max_token_id": vocab, "path": rel}
+    assert failed(result)["max_token_id"][0] == {"max_token_id": vocab, "path": rel, "url": str((shards / rel).resolve())}
     assert_report(result, rel)
 
 
@@ -145,7 +145,7 @@ def test_empty_shard(shards):
             s.update(sequences=0, tokens=0)
     save_manifest(shards, m)
     result = check(shards=str(shards))
-    assert failed(result)["sequences"][0] == {"sequences": 0, "path": rel}
+    assert failed(result)["sequences"][0] == {"sequences": 0, "path": rel, "url": str((shards / rel).resolve())}
 
 
 def test_shard_missing_from_manifest(shards):

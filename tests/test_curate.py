@@ -197,3 +197,7 @@ def test_a_nightly_run_dedups_against_every_earlier_run_of_its_lineage(tmp_path)
     assert removed_ids(tmp_path / "s2", "exact_dedup") == {"exact-of-d1-3"}
     assert removed_ids(tmp_path / "s2", "near_dedup") == {"near-of-d1-7"}
     assert m["curation"]["documents_in"] == 60 + 32 and m["curation"]["documents_out"] == 60 + 30
+    # The base's signatures are referenced where they live, like its shards, never copied.
+    assert [Path(u).name for u in m["curation"]["signatures"]] == ["signatures", "signatures"]
+    assert [Path(u).parent for u in m["curation"]["signatures"]] == [tmp_path / "s2", tmp_path / "s1"]
+    assert len(list((tmp_path / "s2" / "signatures").iterdir())) == 1

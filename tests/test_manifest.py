@@ -53,6 +53,40 @@ def test_merge_covers_the_base_and_the_new_files():
     assert (m["input"]["documents_read"], m["input"]["duplicates_removed"], m["input"]["documents_used"]) == (13, 1, 8)
     assert m["input"]["skipped"] == {"empty_text": 3, "too_long": 1}
     assert new["splits"]["train"]["sequences"] == 2  # the new part is left as it was
+    # the base's shards are referenced where they live; the new run's are its own
+    roots = {s["path"]: s.get("root") for sp in m["splits"].values() for s in sp["shards"]}
+    assert roots == {"train/part-00000-00000.parquet": "s3://b/runs/base/shards",
+                     "validation/part-00000-00000.parquet": "s3://b/runs/base/shards",
+                     "train/part-00001-00000.parquet": None}
+    assert all("root" not in s for sp in base["splits"].values() for s in sp["shards"])  # the base is untouched
+
+
+def test_a_chain_of_merges_keeps_each_shards_original_root():
+    day1 = build([shard("train", 0, 5)], {"train.documents": 5}, ["d1"], run_id="d1")
+    day2 = manifest.merge(day1, build([shard("train", 1, 2)], {"train.documents": 2}, ["d2"], run_id="d2"), "/runs/1")
+    day3 = manifest.merge(day2, build([shard("train", 2, 3)], {"train.documents": 3}, ["d3"], run_id="d3"),
+                          "s3://b/runs/2")
+    assert [(s["path"][6:16], s.get("root")) for s in day3["splits"]["train"]["shards"]] == [
+        ("part-00000", "/runs/1"), ("part-00001", "s3://b/runs/2"), ("part-00002", None)]
+    assert manifest.validate(day3) is day3 and manifest.read_parts(day3) == 3
+
+
+def test_a_shard_entry_resolves_to_the_set_that_holds_it(tmp_path):
+    own = open_store(tmp_path / "own")
+    store, key = manifest.shard_location(own, shard("train", 0, 1))
+    assert (store, key) == (own, "train/part-00000-00000.parquet")
+    store, key = manifest.shard_location(own, {**shard("train", 0, 1), "root": f"file://{tmp_path}/base"})
+    assert store.url(key) == f"{tmp_path}/base/train/part-00000-00000.parquet"
+    store, _ = manifest.shard_location(own, {**shard("train", 0, 1), "root": "s3://b/runs/1/shards"})
+    assert store.uri == "s3://b/runs/1/shards"
+
+
+@pytest.mark.parametrize("root", ["runs/1/shards", "", "ftp://host/x", "s3://"])
+def test_a_root_that_is_not_an_absolute_uri_is_refused(root):
+    m = build([shard("train", 0, 5)], {}, ["a.jsonl"])
+    m["splits"]["train"]["shards"][0]["root"] = root
+    with pytest.raises(ManifestError, match="invalid at splits.train.shards.0.root"):
+        manifest.validate(m)
 
 
 def test_a_broken_manifest_is_refused_naming_the_field(tmp_path):

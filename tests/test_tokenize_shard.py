@@ -1,16 +1,21 @@
 """The Spark job end to end on local[2], writing to a folder and to a moto S3 server."""
 
 import gzip
+import hashlib
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import boto3
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import HOSTILE_READER, write_hostile_corpus, write_jsonl
 from lmpipe import config, manifest
+from lmpipe.cli import main as lmpipe_main
 from lmpipe.errors import CorpusError, LmpipeError, ManifestError
 from lmpipe.manifest import read_shard
 from lmpipe.storage import open_store
@@ -18,6 +23,7 @@ from spark_jobs import corpus
 from spark_jobs.tokenizer import from_json
 from spark_jobs import tokenize_shard
 from spark_jobs.tokenize_shard import TokenizeConfig
+from training.data import ShardSet
 
 
 # Tokenizing and packing as such: no curation filter and no near dedup, whose word-salad
@@ -48,6 +54,15 @@ def shard_stream(store, m, split):
 
 WORDS = ("river", "stone", "light", "north", "copper", "garden", "signal", "window", "paper", "orbit", "ember",
          "harbor", "quiet", "vector", "maple", "thread", "échelle", "naïve", "日本", "emoji 🙂", "tab\there", "new\nline")
+
+
+def s3_sha(s3, bucket: str, prefix: str, path: str) -> str:
+    return hashlib.sha256(s3.get_object(Bucket=bucket, Key=f"{prefix}/{path}")["Body"].read()).hexdigest()
+
+
+def s3_rows(s3, bucket: str, prefix: str, path: str) -> np.ndarray:
+    table = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=f"{prefix}/{path}")["Body"].read()))
+    return np.array(table.column("input_ids").to_pylist(), dtype=np.int64)
 
 
 def hand_built_corpus(root: Path) -> tuple[list[list[str]], int]:
@@ -271,21 +286,46 @@ def test_incremental_run_tokenizes_only_new_partitions_and_merges(tmp_path, demo
     assert second["input"]["documents_read"] == len(day1) + len(day2)
     out2 = open_store(f"s3://{bucket}/runs/2/shards", storage_cfg)
     assert manifest.read(out2) == second
+    s3 = boto3.client("s3", endpoint_url=storage_cfg.endpoint_url)
+    own2 = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="runs/2/shards/").get("Contents", [])}
     for split in ("train", "validation"):
         old = {s["path"]: s for s in first["splits"][split]["shards"]}
         new = {s["path"]: s for s in second["splits"][split]["shards"]}
-        assert set(old) < set(new)  # the base's shards are all there, under their own names
-        assert all(new[p] == old[p] and out2.sha256(p) == old[p]["sha256"] for p in old)
+        assert set(old) < set(new)  # the base's shards are all listed, under their own names...
+        base_uri = f"s3://{bucket}/runs/1/shards"
+        assert all(new[p] == {**old[p], "root": base_uri} for p in old)  # ...where they live, not copied
+        assert not {f"runs/2/shards/{p}" for p in old} & own2
+        assert all(s3_sha(s3, bucket, "runs/1/shards", p) == old[p]["sha256"] for p in old)
+        assert all("root" not in new[p] and f"runs/2/shards/{p}" in own2 for p in set(new) - set(old))
         assert second["splits"][split]["sequences"] == sum(s["sequences"] for s in new.values())
+        # the training reader reads both, each where it lives
+        data = ShardSet(f"s3://{bucket}/runs/2/shards", tmp_path / "cache", storage_cfg, split=split)
+        expected = np.concatenate([s3_rows(s3, bucket, "runs/1/shards" if p in old else "runs/2/shards", p)
+                                   for p in (s["path"] for s in second["splits"][split]["shards"])])
+        assert np.array_equal(data.rows(np.arange(len(data))), expected)
     # the new shards hold exactly day 2, tokenized with day 1's tokenizer
     (tmp_path / "tok.json").write_bytes(open_store(f"s3://{bucket}/runs/1/shards", storage_cfg).get_bytes("tokenizer.json"))
     alone = run(local / "date=2026-11-21", tmp_path / "alone", tokenizer={"path": f"{tmp_path}/tok.json"})
-    added = [s for s in second["splits"]["train"]["shards"] if s not in first["splits"]["train"]["shards"]]
+    added = [s for s in second["splits"]["train"]["shards"] if "root" not in s]
     assert sorted(s["sha256"] for s in added) == sorted(s["sha256"] for s in alone["splits"]["train"]["shards"])
 
-    # nothing new: no Spark work, the same shard set again
+    # nothing new: no Spark work, the same shards again, each still referenced at its original set
     third = run(f"s3://{bucket}/corpus", f"s3://{bucket}/runs/3/shards", storage_cfg, base=f"s3://{bucket}/runs/2/shards")
-    assert third["input"]["new_files"] == 0 and third["splits"] == second["splits"]
+    assert third["input"]["new_files"] == 0
+    for split in ("train", "validation"):
+        assert third["splits"][split]["shards"] == [{**s, "root": s.get("root", f"s3://{bucket}/runs/2/shards")}
+                                                    for s in second["splits"][split]["shards"]]
+        assert {s["root"] for s in third["splits"][split]["shards"]} == {f"s3://{bucket}/runs/{i}/shards" for i in (1, 2)}
+    # compacted on the same endpoint (server-side copies): every listed shard under one prefix, no root left
+    assert lmpipe_main(["compact", "--shards", f"s3://{bucket}/runs/3/shards", "--out", f"s3://{bucket}/compact",
+                        f"storage.endpoint_url={storage_cfg.endpoint_url}"]) == 0
+    compacted = json.loads(s3.get_object(Bucket=bucket, Key="compact/manifest.json")["Body"].read())
+    listed = {s["path"]: s for sp in ("train", "validation") for s in third["splits"][sp]["shards"]}
+    assert "\"root\"" not in json.dumps(compacted) and compacted["splits"]["train"]["sequences"] == \
+        third["splits"]["train"]["sequences"]
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="compact/")["Contents"]}
+    assert {k for k in keys if k.endswith(".parquet")} == {f"compact/{p}" for p in listed}
+    assert all(s3_sha(s3, bucket, "compact", p) == e["sha256"] for p, e in listed.items())
 
     with pytest.raises(config.ConfigError, match="seq_len"):
         run(f"s3://{bucket}/corpus", f"s3://{bucket}/runs/4/shards", storage_cfg, base=f"s3://{bucket}/runs/2/shards",

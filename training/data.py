@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lmpipe import manifest as manifestlib
-from lmpipe.errors import LmpipeError
+from lmpipe.errors import LmpipeError, StorageError
 from lmpipe.storage import open_store, sha256_file
 
 
@@ -26,7 +26,7 @@ class ShardSet:
     """The sequences of one split as memory-mapped arrays (one per shard), verified by sha256."""
 
     def __init__(self, uri: str, cache_dir: Path, storage=None, split: str = "train"):
-        self.store = open_store(uri, storage)
+        self.store, self.storage = open_store(uri, storage), storage
         self.manifest = manifestlib.read(self.store)  # refuses a prefix without a manifest
         self.seq_len = self.manifest["seq_len"]
         entries = self.manifest["splits"][split]["shards"]
@@ -37,6 +37,7 @@ class ShardSet:
 
     def _load(self, entry: dict, cache: Path) -> np.ndarray:
         """Shard -> cached .npy (uint16/32 rows), memory-mapped. Downloads are sha256-verified.
+        A shard the manifest references in another shard set (its ``root``) is read there.
 
         Several ranks on a node may fill the same cache at once: each works on files of its own
         (pid-suffixed) and publishes the .npy with an atomic rename, so none sees a half file.
@@ -45,14 +46,21 @@ class ShardSet:
         if not npy.exists():
             cache.mkdir(parents=True, exist_ok=True)
             own = f"{os.getpid()}-{threading.get_ident()}"
-            local = getattr(self.store, "root", None)
-            src = self.store.path(entry["path"]) if local is not None else cache / f"{entry['sha256']}.{own}.parquet"
+            store, key = manifestlib.shard_location(self.store, entry, self.storage)
+            local = getattr(store, "root", None)
+            src = store.path(key) if local is not None else cache / f"{entry['sha256']}.{own}.parquet"
+            listed = f"shard {store.url(key)}, listed in {self.store.url(manifestlib.MANIFEST)},"
             if local is None:
-                self.store.get_file(entry["path"], src)
+                try:
+                    store.get_file(key, src)
+                except StorageError as exc:
+                    raise StorageError(f"{listed} cannot be read: {exc}") from None
+            elif not src.is_file():
+                raise StorageError(f"{listed} does not exist")
             try:
                 actual = sha256_file(src)
                 if actual != entry["sha256"]:
-                    raise LmpipeError(f"shard {self.store.url(entry['path'])} has sha256 {actual}, "
+                    raise LmpipeError(f"shard {store.url(key)} has sha256 {actual}, "
                                       f"the manifest says {entry['sha256']}: refusing to train on it")
                 from lmpipe.manifest import read_shard
 

@@ -30,6 +30,8 @@ VERBS = [
     Verb("demo-corpus", "spark_jobs.demo_corpus", "write a deterministic JSONL corpus from Python's own docs and sources"),
     Verb("tokenize", "spark_jobs.tokenize_shard", "Spark job: tokenize a corpus and pack it into shards",
          "spark_jobs.config:TokenizeConfig", "tokenize"),
+    Verb("compact", "spark_jobs.compact", "copy a shard set and every shard it references into one self-contained set",
+         "spark_jobs.compact:CompactConfig"),
     Verb("check-data", "data_checks.check_data", "Great Expectations gate on a corpus or a shard set",
          "data_checks.check_data:CheckConfig", "check"),
     Verb("train", "training.launcher", "DeepSpeed ZeRO training from shards (resumes an existing run)",
@@ -89,6 +91,9 @@ def _run(verb: str, args: argparse.Namespace) -> int:
     cfg = mod.config_from_args(args)
     if verb == "tokenize":
         print(mod.run(cfg)["config"]["out"])
+        return ExitCode.OK
+    if verb == "compact":
+        print(mod.run(cfg)["out"])
         return ExitCode.OK
     if verb == "check-data":
         result = mod.run(cfg)
