@@ -44,7 +44,7 @@ def test_failed_expectations_are_visible_in_chromium(real_shards, tmp_path):
     assert not re.search(r'<script[^>]+src="https?://', index_page.read_text()), "the index loads scripts from the network"
     index = dom(index_page.as_uri())
     rows = re.findall(r'<tr[^>]*class="clickable-row"[^>]*data-href="(validations/[^"]+)"[^>]*>(.*?)</tr>', index, re.S)
-    assert len(rows) == 3, f"{len(rows)} validation rows rendered"  # dataset, splits, shards
+    assert len(rows) == 4, f"{len(rows)} validation rows rendered"  # dataset, splits, shards, curation
     (failed,) = [href for href, cells in rows if "ge-failed-icon" in cells]
     assert failed.startswith("validations/lmpipe_shards_shards/")
     target = dom((index_page.parent / failed).as_uri())  # where a click on that row goes
