@@ -71,6 +71,8 @@ test-fast: venv system-deps
 
 bench: venv
 	$(PY) bench/bench_tokenize.py
+	$(PY) bench/bench_curate.py
+	$(PY) bench/bench_neardup.py
 	$(PY) bench/bench_check_data.py
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_serve.py
