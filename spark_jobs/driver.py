@@ -319,8 +319,9 @@ def _spark_pack(cfg: TokenizeConfig, cstore, files, tok_json: str, tok_info: dic
                 raise kind(msg) from None
         raise
     finally:
-        if docs is not None:
+        if docs is not None:  # the edits too: a long-lived session (a test run, a notebook) keeps no cache
             docs.unpersist()
+            todo.unpersist()
     return rows, tags, {"version": spark.version, "master": sc.master, "tasks": len(tasks)}
 
 
