@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 
 EXACT, NEAR = "exact_dedup.duplicate", "near_dedup.near_duplicate"
-EDITS_DDL = "id long, edits array<struct<idx:long,reason:string,text:string>>"
+EDITS_TYPE = "array<struct<idx:long,reason:string,text:string>>"
 
 
 def with_ids(docs):
@@ -25,22 +25,21 @@ def with_ids(docs):
 def edits(spark, docs, cfg, history=None):
     """(task, idx, reason, text) of every document stage 2 must drop (``reason``) or rewrite
     (``text``). ``history`` (``id`` < 0, ``hash``, ``sig``, ``bands``) holds the documents of earlier runs
-    of the lineage: a new document that duplicates one of them is removed too."""
+    of the lineage: a new document that duplicates one of them is removed too.
+
+    Each dedup step's removals (ids only) are materialized once, so no later step recomputes
+    the steps before it, and one join puts them on the documents."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    def rows(df, reason=None, text=False):
-        return df.select("task", "idx", F.col("reason") if reason is None else F.lit(reason).alias("reason"),
-                         F.col("text") if text else F.lit(None).cast("string").alias("text"))
-
     docs = with_ids(docs)
-    parts, kept = [rows(docs.filter("reason is not null"))], docs.filter("reason is null")
+    kept, removed = docs.filter("reason is null"), []
     if cfg.dedup:
         old = [] if history is None else [history.filter("hash is not null").select("id", "hash")]
         ranks = _union([kept.select("id", "hash"), *old]).withColumn(
             "rank", F.row_number().over(Window.partitionBy("hash").orderBy("id")))
-        dups = ranks.filter("rank > 1 and id >= 0").select("id")
-        parts.append(rows(kept.join(dups, "id", "left_semi"), EXACT))
+        dups = ranks.filter("rank > 1 and id >= 0").select("id").localCheckpoint(eager=True)
+        removed.append(dups.withColumn("dedup", F.lit(EXACT)))
         kept = kept.join(dups, "id", "left_anti")
     if cfg.curate.near_dedup.enabled:
         from spark_jobs.curate import neardup
@@ -48,10 +47,12 @@ def edits(spark, docs, cfg, history=None):
         cols = ("id", "sig", "bands")
         old = [] if history is None else [history.filter("bands is not null").select(*cols)]
         near = neardup.near_duplicates(_union([kept.select(*cols), *old]), cfg.curate.near_dedup, spark)
-        parts.append(rows(kept.join(near, "id", "left_semi"), NEAR))
-        kept = kept.join(near, "id", "left_anti")
-    parts.append(rows(kept.filter("text is not null"), text=True))
-    return _union(parts)
+        removed.append(near.localCheckpoint(eager=True).withColumn("dedup", F.lit(NEAR)))
+    out = docs.select("task", "idx", "id", "reason", "text")
+    if removed:
+        out = out.join(_union(removed), "id", "left").withColumn("reason", F.coalesce("reason", "dedup"))
+    return out.where("reason is not null or text is not null").select(
+        "task", "idx", "reason", F.when(F.col("reason").isNull(), F.col("text")).alias("text"))
 
 
 def _union(frames):
@@ -63,14 +64,23 @@ def _union(frames):
 
 def by_task(spark, task_df, edit_rows, n_tasks: int):
     """Each task id with its edits, one partition per task and partition i holding task i: a
-    hash partitioning would put several tasks in some partitions and none in others."""
+    plain hash partitioning by task would put several tasks in some partitions and none in
+    others. Each task gets a key that Spark's hash partitioning sends to partition ``task``
+    (found by hashing candidate keys with the same Murmur3 expression); the rows stay in the
+    JVM throughout."""
     from pyspark.sql import functions as F
 
+    found = (spark.range(0, 64 * n_tasks).withColumn("task", F.expr(f"pmod(hash(id), {n_tasks})"))
+             .groupBy("task").agg(F.min("id").alias("key")).collect())  # one row per task
+    if len(found) != n_tasks:  # each of 64 * n keys misses a given partition with probability ~e**-64
+        raise RuntimeError(f"no partitioning key found for {n_tasks - len(found)} of {n_tasks} tasks")
+    keys = spark.createDataFrame([(r["task"], r["key"]) for r in found], "task long, key long")
     grouped = edit_rows.groupBy("task").agg(
         F.collect_list(F.struct(F.col("idx"), F.col("reason"), F.col("text"))).alias("edits"))
-    joined = task_df.join(grouped, task_df["id"] == grouped["task"], "left").select("id", "edits")
-    rdd = joined.rdd.map(lambda r: (r[0], r[1] or [])).partitionBy(n_tasks, lambda task: task)
-    return spark.createDataFrame(rdd, EDITS_DDL)
+    joined = (task_df.join(F.broadcast(keys), task_df["id"] == keys["task"])
+              .join(grouped, task_df["id"] == grouped["task"], "left")
+              .select(task_df["id"], F.coalesce("edits", F.array().cast(EDITS_TYPE)).alias("edits"), "key"))
+    return joined.repartition(n_tasks, "key").sortWithinPartitions("id").select("id", "edits")
 
 
 def tag_counts(docs) -> Counter:
