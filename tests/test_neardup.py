@@ -222,3 +222,21 @@ def test_verification_needs_signatures(spark):
 def test_disabled_removes_nothing(spark):
     off = NearDedupConfig(enabled=False)
     assert neardup.near_duplicates(signed_docs(spark), off, spark).collect() == []
+
+
+def test_each_task_gets_its_own_partition_holding_its_edits(spark):
+    """Stage 2 runs one task per partition, partition i holding task i, tasks without edits
+    included: a hash partitioning by task would pair some tasks up and leave others empty."""
+    from spark_jobs.curate import stage
+
+    n = 7
+    rows = [(1, 4, "c4.too_few_sentences", None), (3, 0, None, "rewritten"), (3, 9, stage.NEAR, None),
+            (6, 2, stage.EXACT, None)]
+    edit_rows = spark.createDataFrame(rows, "task int, idx long, reason string, text string")
+    out = stage.by_task(spark, spark.range(0, n, numPartitions=n), edit_rows, n)
+    parts = out.rdd.glom().collect()
+    assert len(parts) == n
+    got = [[(r["id"], sorted((e["idx"], e["reason"], e["text"]) for e in r["edits"])) for r in p] for p in parts]
+    assert got == [[(0, [])], [(1, [(4, "c4.too_few_sentences", None)])], [(2, [])],
+                   [(3, [(0, None, "rewritten"), (9, stage.NEAR, None)])], [(4, [])], [(5, [])],
+                   [(6, [(2, stage.EXACT, None)])]]
