@@ -6,7 +6,7 @@ exactly) and planted similar documents (heavy edits or a shared passage in the s
 vocabulary and template, true Jaccard < 0.5). Precision and recall of the removed documents
 against the planted truth, and recall by Jaccard bucket.
 scale: signatures plus ``near_duplicates`` on corpora of n, 2n and 4n documents.
-signature: single-core throughput of :func:`spark_jobs.curate.neardup.signature`.
+signature: single-core throughput of :func:`spark_jobs.curate.neardup.signatures` and band keys.
 Prints one JSON line per result.
 
     .venv/bin/python bench/bench_neardup.py [--docs 2000] [--scale-docs 20000] [--config 32x4@0.6 ...]
@@ -200,8 +200,8 @@ def throughput(cfg, args) -> None:
     texts, _, _ = planted(args.signature_docs, args.seed + 99, cfg.ngram)
     values = list(texts.values())
     t0 = time.perf_counter()
-    for t in values:
-        neardup.band_keys(neardup.signature(t, cfg), cfg)
+    for at in range(0, len(values), 1024):  # the batches the tokenize job's stage 1 uses
+        neardup.band_key_matrix(neardup.signatures(values[at : at + 1024], cfg), cfg)
     seconds = time.perf_counter() - t0
     mb = sum(len(t.encode()) for t in values) / 1e6
     emit("neardup_signature", docs=len(values), docs_per_s=round(len(values) / seconds), mb_per_s=round(mb / seconds, 2),

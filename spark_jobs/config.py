@@ -38,8 +38,9 @@ class TokenizeConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
-def check(cfg: TokenizeConfig) -> None:
-    """Refuse a config that cannot work, before any file is read."""
+def check(cfg: TokenizeConfig) -> list[str]:
+    """Refuse a config that cannot work, before any file is read; return the names of the
+    configured curation filters, in order."""
     if not cfg.corpus:
         raise ConfigError("config key 'corpus' is required (--corpus URI)")
     if not cfg.out:
@@ -50,17 +51,17 @@ def check(cfg: TokenizeConfig) -> None:
         raise ConfigError(f"config key 'validation_fraction' must be in [0, 1) (got {cfg.validation_fraction})")
     if cfg.shard_sequences < 1 or cfg.partition_mb < 1:
         raise ConfigError("config keys 'shard_sequences' and 'partition_mb' must be >= 1")
-    _check_curate(cfg.curate)
+    names = _check_curate(cfg.curate)
     if cfg.tokenizer.vocab_size < 260 and not cfg.tokenizer.path:
         raise ConfigError(f"config key 'tokenizer.vocab_size' must be >= 260 for byte-level BPE (got {cfg.tokenizer.vocab_size})")
+    return names
 
 
-def _check_curate(cur: CurateConfig) -> None:
-    from spark_jobs.curate import filters
+def _check_curate(cur: CurateConfig) -> list[str]:
+    from spark_jobs.curate import filters, neardup
 
-    from spark_jobs.curate import neardup
-
-    filters.build(cur.filters, cur.languages)  # an unknown filter or key is named here
+    chain = filters.build(cur.filters, cur.languages)  # an unknown filter or key is named here
     neardup.check(cur.near_dedup)
     if cur.decontaminate_ngram < 1 or cur.removed_sample < 0:
         raise ConfigError("config key 'curate.decontaminate_ngram' must be >= 1 and 'curate.removed_sample' >= 0")
+    return [f.name for f in chain]

@@ -31,7 +31,7 @@ CONFIG_FILE = "tokenize_config.json"  # the resolved config, beside the manifest
 
 def run(cfg: TokenizeConfig) -> dict:
     """Tokenize ``cfg.corpus`` into shards under ``cfg.out``; return the manifest written last."""
-    check(cfg)
+    filter_names = check(cfg)
     t0 = time.monotonic()
     index = None
     if cfg.curate.decontaminate:
@@ -62,10 +62,11 @@ def run(cfg: TokenizeConfig) -> dict:
     tok, tok_info = _publish_tokenizer(cfg, cstore, files, out, base_m)
 
     rows, tags, spark_info = [], Counter(), {"version": None, "master": None, "tasks": 0}
+    sets = signature_sets(out.uri, base_m, base_store and base_store.uri)
     if spark_future:
         rows, tags, spark_info = _spark_pack(cfg, cstore, todo, tok.to_str(), tok_info, spark_future.result(),
-                                             manifest.read_parts(base_m) if base_m else 0, index,
-                                             signature_sets(out.uri, base_m, base_store and base_store.uri)[1:])
+                                             manifest.read_parts(base_m) if base_m else 0, index, sets[1:],
+                                             curating(cfg, filter_names))
     stats = _stats(rows)
     listing = {"uri": cfg.corpus, "files": len(files), "new_files": len(todo), "bytes": total_bytes,
                "ignored_files": ignored, "file_list": [{"key": o.key, "size": o.size} for o in todo],
@@ -78,8 +79,7 @@ def run(cfg: TokenizeConfig) -> dict:
     m = manifest.build(seq_len=cfg.seq_len, tokenizer=tok_info, shards=shards, stats=stats, input=listing,
                        run_id=cfg.run_id, elapsed_s=time.monotonic() - t0, spark=spark_info,
                        config=cfglib.to_dict(cfg), config_file=CONFIG_FILE,
-                       curation={**_curation(cfg, tags),
-                                 "signatures": signature_sets(out.uri, base_m, base_store and base_store.uri)})
+                       curation={**_curation(cfg, tags, filter_names), "signatures": sets})
     if base_m:
         m = manifest.merge(base_m, m, base_store.uri)
     for split in manifest.SPLITS:
@@ -91,13 +91,12 @@ def run(cfg: TokenizeConfig) -> dict:
     return m
 
 
-def _curation(cfg: TokenizeConfig, tags: Counter) -> dict:
+def _curation(cfg: TokenizeConfig, tags: Counter, filter_names: list[str]) -> dict:
     """What :func:`manifest.build` needs for the funnel: the steps that ran, in order, plus the
-    languages seen and the scrubbed items by kind."""
-    from spark_jobs.curate import filters
+    languages seen, the scrubbed items by kind, and the near-dup signature scheme."""
+    from spark_jobs.curate import neardup
 
-    steps = ["reader"] + (["decontaminate"] if cfg.curate.decontaminate else [])
-    steps += [f.name for f in filters.build(cfg.curate.filters, cfg.curate.languages)]
+    steps = ["reader"] + (["decontaminate"] if cfg.curate.decontaminate else []) + list(filter_names)
     steps += (["exact_dedup"] if cfg.dedup else []) + (["near_dedup"] if cfg.curate.near_dedup.enabled else [])
     return {
         "steps": steps,
@@ -105,6 +104,7 @@ def _curation(cfg: TokenizeConfig, tags: Counter) -> dict:
         "scrubbed": {k[9:]: v for k, v in sorted(tags.items()) if k.startswith("scrubbed.")},
         "kept_languages": list(cfg.curate.languages),
         "removed_samples": f"{manifest.REMOVED}/" if cfg.curate.keep_removed != "none" else None,
+        "signature_scheme": neardup.SCHEME,
     }
 
 
@@ -229,6 +229,10 @@ def _base(cfg: TokenizeConfig) -> tuple[dict | None, object]:
         raise ConfigError(f"config key 'base': {cfg.base} was tokenized from {m['input']['uri']}, not {cfg.corpus}")
     if m["seq_len"] != cfg.seq_len:
         raise ConfigError(f"config key 'seq_len' is {cfg.seq_len} but base {cfg.base} has seq_len {m['seq_len']}")
+    from spark_jobs.curate import neardup
+
+    neardup.compatible(cfg.curate.near_dedup, (m["config"].get("curate") or {}).get("near_dedup"),
+                       (m.get("curation") or {}).get("signature_scheme"), cfg.base)
     roots = {sh["root"] for sp in m["splits"].values() for sh in sp["shards"] if "root" in sh}
     if open_store(cfg.out, cfg.storage).uri in {store.uri} | {open_store(r, cfg.storage).uri for r in roots}:
         raise ConfigError(f"config key 'out': {cfg.out} holds shards that base {cfg.base} references: "
@@ -276,16 +280,13 @@ def _stats(rows) -> Counter:
     return stats
 
 
-def curating(cfg: TokenizeConfig) -> bool:
+def curating(cfg: TokenizeConfig, filter_names: list[str]) -> bool:
     """Whether stage 1 runs: some filter, decontamination, or dedup is configured."""
-    from spark_jobs.curate import filters
-
-    return bool(cfg.dedup or cfg.curate.near_dedup.enabled or cfg.curate.decontaminate
-                or filters.build(cfg.curate.filters, cfg.curate.languages))
+    return bool(cfg.dedup or cfg.curate.near_dedup.enabled or cfg.curate.decontaminate or filter_names)
 
 
 def _spark_pack(cfg: TokenizeConfig, cstore, files, tok_json: str, tok_info: dict, spark,
-                part_offset: int, decontamination, history_sets=()) -> tuple[list, Counter, dict]:
+                part_offset: int, decontamination, history_sets=(), curate: bool = True) -> tuple[list, Counter, dict]:
     """Stages 1 and 2 on Spark: one read task per partition; shard names follow the task index,
     never the cluster size."""
     from spark_jobs import sparkutil
@@ -298,7 +299,7 @@ def _spark_pack(cfg: TokenizeConfig, cstore, files, tok_json: str, tok_info: dic
     docs, tags = None, Counter()
     try:
         todo = task_df
-        if curating(cfg):
+        if curate:
             from spark_jobs.curate import stage
 
             index = sc.broadcast(decontamination) if decontamination is not None else None

@@ -118,7 +118,6 @@ def read_signatures(storage: StorageConfig, files):
 def _curate_task(cfg, chain, store, task: int, segments):
     import pyarrow as pa
 
-    from spark_jobs.curate import neardup
     from spark_jobs.curate.base import Doc, run_chain
 
     near = cfg.curate.near_dedup if cfg.curate.near_dedup.enabled else None
@@ -129,15 +128,42 @@ def _curate_task(cfg, chain, store, task: int, segments):
         doc = Doc(rec.text)
         removed = run_chain(chain, doc)
         kept = removed is None
-        sig = neardup.signature(doc.text, near) if kept and near else None
         values = {"task": task, "idx": i, "reason": None if kept else ".".join(removed),
                   "hash": corpus.text_hash(doc.text) if kept and cfg.dedup else None,
-                  "sig": sig, "bands": neardup.band_keys(sig, near) if sig else None,
                   "tags": [t for t, n in doc.counts.items() for _ in range(n)] or None,
-                  "text": doc.text if kept and doc.changed else None}
+                  "text": doc.text if kept and doc.changed else None,
+                  "sig": doc.text if kept and near else None}  # the text until its signature replaces it
         for k, v in values.items():
             cols[k].append(v)
+    cols["sig"], cols["bands"] = _signatures(cols["sig"], near)
     return pa.RecordBatch.from_pydict(cols, schema=DOCS_SCHEMA)
+
+
+def _signatures(texts: list, near, batch: int = 1024) -> tuple:
+    """The signature and band keys of each text (None: of none), as Arrow list columns,
+    computed in batches of ``batch`` texts."""
+    import numpy as np
+    import pyarrow as pa
+
+    from spark_jobs.curate import neardup
+
+    list_type = pa.list_(pa.int64())
+    if not near:
+        return pa.nulls(len(texts), list_type), pa.nulls(len(texts), list_type)
+    sig = np.zeros((len(texts), near.bands * near.rows), np.int64)
+    bands = np.zeros((len(texts), near.bands), np.int64)
+    todo = [i for i, t in enumerate(texts) if t is not None]
+    for at in range(0, len(todo), batch):
+        rows = todo[at : at + batch]
+        s = neardup.signatures([texts[i] for i in rows], near)
+        sig[rows], bands[rows] = s.view(np.int64), neardup.band_key_matrix(s, near)
+    mask = pa.array([t is None for t in texts])
+
+    def column(m):
+        offsets = pa.array(range(0, m.size + 1, m.shape[1]), pa.int32())
+        return pa.ListArray.from_arrays(offsets, pa.array(m.reshape(-1)), type=list_type, mask=mask)
+
+    return column(sig), column(bands)
 
 
 def pack(cfg, corpus_uri: str, tokenizer_json: str, eos_id: int, vocab_size: int, plan, part_offset: int = 0):

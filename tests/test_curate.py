@@ -201,3 +201,12 @@ def test_a_nightly_run_dedups_against_every_earlier_run_of_its_lineage(tmp_path)
     assert [Path(u).name for u in m["curation"]["signatures"]] == ["signatures", "signatures"]
     assert [Path(u).parent for u in m["curation"]["signatures"]] == [tmp_path / "s2", tmp_path / "s1"]
     assert len(list((tmp_path / "s2" / "signatures").iterdir())) == 1
+    # A run whose signatures could never match the lineage's is refused before Spark starts.
+    day3 = {**kw, "curate": {**kw["curate"], "near_dedup": {"seed": 2}}}
+    with pytest.raises(ConfigError, match=r"curate\.near_dedup\.seed.* 2 but base .*s2 used 1"):
+        tokenize_shard.run(cfg_of(tmp_path / "c", tmp_path / "s3", base=str(tmp_path / "s2"), **day3))
+    written = json.loads((tmp_path / "s2" / "manifest.json").read_text())
+    written["curation"]["signature_scheme"] = "an-older-scheme"
+    (tmp_path / "s2" / "manifest.json").write_text(json.dumps(written))
+    with pytest.raises(ConfigError, match="scheme an-older-scheme"):
+        tokenize_shard.run(cfg_of(tmp_path / "c", tmp_path / "s3", base=str(tmp_path / "s2"), **kw))

@@ -1,6 +1,6 @@
 """Near-duplicate detection: banded MinHash-LSH as Spark shuffles, then connected components.
 
-Each document gets a MinHash signature of its word n-gram shingles (:func:`signature`), cut
+Each document gets a MinHash signature of its word n-gram shingles (:func:`signatures`), cut
 into ``bands`` bands of ``rows`` values; each band hashes to one 64-bit key (:func:`band_keys`).
 Documents that share a key in any band are candidates. A shuffle by band key links every
 member of a bucket to the bucket's lowest id (a star, so edges stay linear in bucket size),
@@ -19,13 +19,15 @@ in a group with one of them is.
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import re
-import struct
 
 from lmpipe.config import stage_config
 from lmpipe.log import log
 
+# How signatures and band keys are computed: signatures of another scheme never match these,
+# so an incremental run refuses a base whose signatures were made by another.
+SCHEME = "word-ngram-poly64/rensa-rminhash-2"
 MAX_ITERATIONS = 100  # connected components: a hard cap on large-star/small-star rounds
 SIG_DDL = "id long, sig array<long>, bands array<long>"
 _WORD = re.compile(r"\w+")
@@ -59,37 +61,99 @@ def check(cfg: NearDedupConfig) -> None:
         raise ConfigError(f"config key 'curate.near_dedup.threshold' must lie in [0, 1] (got {cfg.threshold})")
 
 
+def compatible(cfg: NearDedupConfig, base: dict | None, base_scheme: str | None, where: str) -> None:
+    """Refuse to dedup against an earlier run (``base``: its ``near_dedup`` config, from its
+    manifest) whose signatures cannot match this run's: another shape, seed or scheme."""
+    from lmpipe.errors import ConfigError
+
+    if not cfg.enabled or not base or not base.get("enabled", True):
+        return
+    for key in ("bands", "rows", "ngram", "seed"):
+        if base.get(key) != getattr(cfg, key):
+            raise ConfigError(f"config key 'curate.near_dedup.{key}' is {getattr(cfg, key)} but base {where} used "
+                              f"{base.get(key)}: near-dup signatures of the two never match; keep the base's value")
+    if base_scheme != SCHEME:
+        raise ConfigError(f"base {where} has near-dup signatures of scheme {base_scheme or 'unrecorded'}, this lmpipe "
+                          f"computes {SCHEME}: tokenize the corpus once without base= to start a new lineage")
+
+
 def words(text: str) -> list[str]:
     """The lowercased words of ``text``: runs of letters, digits and underscores."""
     return _WORD.findall((text or "").lower())
 
 
-def shingles(text: str, ngram: int) -> list[str]:
-    """The word ``ngram``-grams of ``text``, or its normalized words as one shingle when it has
-    fewer than ``ngram`` words."""
-    w = words(text)
-    if len(w) < ngram:
-        return [" ".join(w)]
-    return [" ".join(w[i : i + ngram]) for i in range(len(w) - ngram + 1)]
+def signatures(texts: list[str], cfg: NearDedupConfig):
+    """The MinHash signatures of ``texts``' shingles: a ``(len(texts), bands * rows)`` uint64
+    array of unsigned 32-bit values, computed for the whole batch at once. rensa hashes each
+    word to 64 bits; a shingle's hash is a polynomial of its words' hashes (mod 2**64), and rensa
+    takes the minima over the flat array of every document's shingle hashes."""
+    import numpy as np
+    import rensa
+
+    n, perm = cfg.ngram, cfg.bands * cfg.rows
+    if not texts:
+        return np.zeros((0, perm), np.uint64)
+    split = [words(t) for t in texts]
+    counts = np.fromiter(map(len, split), np.int64, len(split))
+    (flat_words,) = rensa.RMinHash.hash_token_sets([list(itertools.chain.from_iterable(split))])
+    h = np.array(flat_words, np.uint64)
+    doc_of = np.repeat(np.arange(len(texts)), counts)
+    m = max(len(h) - n + 1, 0)
+    grams = _poly(h, n, m)
+    starts = np.flatnonzero(doc_of[:m] == doc_of[n - 1 : n - 1 + m])  # all n words in one document
+    # A document of fewer than n words is one shingle of all its words (none: of no word).
+    short = np.flatnonzero(counts < n)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    short_grams = np.array([_poly(h[offsets[d] : offsets[d + 1]], counts[d], 1)[0] if counts[d] else 0
+                            for d in short], np.uint64)
+    owner = np.concatenate([doc_of[starts], short])
+    order = np.argsort(owner, kind="stable")
+    flat = np.concatenate([grams[starts], short_grams])[order]
+    rows = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=len(texts)))]).astype(np.uint64)
+    digests = rensa.RMinHash.digest_matrix_from_flat_token_hashes(flat, rows, perm, cfg.seed)
+    return np.array(digests.to_rows(), np.uint64).reshape(len(texts), perm)
+
+
+_MULT = 0x9E3779B97F4A7C15  # odd: shingle hashes are polynomials mod 2**64
+
+
+def _poly(h, n: int, m: int):
+    """The hashes of the ``m`` runs of ``n`` consecutive values of ``h`` that start at 0..m-1."""
+    import numpy as np
+
+    g = h[:m].copy()
+    for k in range(1, n):
+        g = g * np.uint64(_MULT) + h[k : k + m]
+    return g
 
 
 def signature(text: str, cfg: NearDedupConfig) -> list[int]:
-    """The MinHash signature (``bands * rows`` unsigned 32-bit values) of ``text``'s shingles."""
-    import rensa
+    """The MinHash signature of one document (see :func:`signatures`)."""
+    return [int(v) for v in signatures([text], cfg)[0]]
 
-    mh = rensa.RMinHash(cfg.bands * cfg.rows, cfg.seed)
-    mh.update(shingles(text, cfg.ngram))
-    return [int(v) for v in mh.digest()]
+
+def band_key_matrix(sigs, cfg: NearDedupConfig):
+    """One signed 64-bit key per band of each signature in ``sigs`` (a ``(docs, bands * rows)``
+    uint64 array): a polynomial of the band's index and values mod 2**64, mixed by splitmix64's
+    finalizer so the keys spread over the hash shuffle's partitions."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        vals = np.asarray(sigs, np.uint64).reshape(len(sigs), cfg.bands, cfg.rows)
+        key = np.broadcast_to(np.arange(1, cfg.bands + 1, dtype=np.uint64), vals.shape[:2]).copy()
+        for r in range(cfg.rows):
+            key = key * np.uint64(_MULT) + vals[:, :, r]
+        key ^= key >> np.uint64(30)
+        key *= np.uint64(0xBF58476D1CE4E5B9)
+        key ^= key >> np.uint64(27)
+        key *= np.uint64(0x94D049BB133111EB)
+        key ^= key >> np.uint64(31)
+    return key.view(np.int64)
 
 
 def band_keys(sig: list[int], cfg: NearDedupConfig) -> list[int]:
-    """One signed 64-bit key per band: blake2b of (band index, the band's values)."""
-    rows, keys = cfg.rows, []
-    for band in range(cfg.bands):
-        values = sig[band * rows : (band + 1) * rows]
-        packed = struct.pack(f"<q{len(values)}Q", band, *values)
-        keys.append(int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little", signed=True))
-    return keys
+    """One signed 64-bit key per band of one signature (see :func:`band_key_matrix`)."""
+    return [int(k) for k in band_key_matrix([sig], cfg)[0]]
 
 
 def with_signatures(df, cfg: NearDedupConfig, text_col: str = "text"):
@@ -97,16 +161,26 @@ def with_signatures(df, cfg: NearDedupConfig, text_col: str = "text"):
     computed on the executors."""
 
     def compute(batches):
+        import numpy as np
         import pyarrow as pa
 
         list_type = pa.list_(pa.int64())
         for batch in batches:
-            sigs = [signature(t, cfg) for t in batch.column(text_col).to_pylist()]
+            sigs = signatures(batch.column(text_col).to_pylist(), cfg)
             yield pa.RecordBatch.from_arrays(
-                [batch.column("id").cast(pa.int64()), pa.array(sigs, type=list_type),
-                 pa.array([band_keys(s, cfg) for s in sigs], type=list_type)], names=["id", "sig", "bands"])
+                [batch.column("id").cast(pa.int64()), _lists(sigs.view(np.int64), list_type),
+                 _lists(band_key_matrix(sigs, cfg), list_type)], names=["id", "sig", "bands"])
 
     return df.select("id", text_col).mapInArrow(compute, SIG_DDL)
+
+
+def _lists(matrix, list_type):
+    """An Arrow list column with one row per row of a 2-D int64 array, without Python objects."""
+    import pyarrow as pa
+
+    rows, width = matrix.shape
+    offsets = pa.array(range(0, rows * width + 1, width), pa.int32())
+    return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1)), type=list_type)
 
 
 def _verified(edges, docs, threshold: float):
