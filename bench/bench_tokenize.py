@@ -9,15 +9,16 @@ Prints one JSON line per result.
 """
 
 import argparse
-import os
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
 
 from lmpipe import config as cfglib
-from spark_jobs import demo_corpus, tokenize_shard, worker
-from spark_jobs import tokenizer as toklib
+from spark_jobs import demo_corpus, tokenize_shard
+
+import benchlib
 
 
 def emit(**kw) -> None:
@@ -34,25 +35,11 @@ def main() -> None:
     corpus_uri = str(work / "corpus")
     if not (work / "corpus").exists():
         demo_corpus.write(corpus_uri, args.corpus_mb, ("docs", "stdlib", "site-packages"))
-    texts = []
-    for f in sorted((work / "corpus").glob("*.jsonl")):
-        with open(f, encoding="utf-8") as fh:
-            texts.extend(json.loads(line)["text"] for line in fh)
+    texts = benchlib.texts_of(work / "corpus")
     mb = sum(len(t.encode()) for t in texts) / 1e6
-
-    tok_path = work / "tokenizer.json"
-    if not tok_path.exists():
-        tok = toklib.train(iter(texts[: len(texts) // 4]), cfglib.build(toklib.TokenizerConfig, {"vocab_size": args.vocab_size}))
-        tok_path.write_text(tok.to_str())
-    tok = toklib.from_json(tok_path.read_text())
+    tok_path, tok = benchlib.tokenizer(work, texts, args.vocab_size)
     cores = os.cpu_count()
-
-    # Raw baseline: encode_batch over the same documents, all cores (rayon), same batch size.
-    t0 = time.perf_counter()
-    raw_tokens = 0
-    for i in range(0, len(texts), worker.DOC_BATCH):
-        raw_tokens += sum(len(e.ids) + 1 for e in tok.encode_batch_fast(texts[i : i + worker.DOC_BATCH], add_special_tokens=False))
-    raw_s = time.perf_counter() - t0
+    raw_s, raw_tokens = benchlib.raw_encode(tok, texts)  # same documents, same batch size, all cores
 
     cfg = cfglib.build(tokenize_shard.TokenizeConfig, {
         "corpus": corpus_uri, "out": str(work / "shards"), "seq_len": 1024, "overwrite": True,
