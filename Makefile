@@ -39,6 +39,9 @@ $(STAMP): pyproject.toml constraints.txt
 		apache-airflow-providers-apache-spark grpcio-status
 	# The Data Docs index's table scripts: from the npm registry, pinned and hash-checked.
 	$(PY) -m data_checks.assets fetch
+	# DeepSpeed's CPU ops, compiled now rather than inside the first training run.
+	@echo "building DeepSpeed's CPU ops (first time: a minute or two)"
+	$(PY) -m training.build_ops
 	@touch $@
 
 # The main job: demo corpus -> serving job -> lm_pipeline through Airflow -> rollout -> a completion.

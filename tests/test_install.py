@@ -26,3 +26,22 @@ def test_the_stack_imports_together():
     assert torch.__version__.startswith("2.13.0")
     assert transformers.__version__.startswith("5.")
     assert metadata.version("apache-airflow").startswith("3.")
+
+
+@pytest.mark.slow
+def test_deepspeed_cpu_ops_are_built_by_the_install_not_by_the_first_run():
+    """``make venv`` builds DeepSpeed's CPU ops; the ranks then load the built modules from
+    torch's extension cache instead of compiling them inside the first training run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    recipe = (Path(__file__).parents[1] / "Makefile").read_text().split("$(STAMP):", 1)[1].split("\n\n", 1)[0]
+    assert "-m training.build_ops" in recipe
+    r = subprocess.run([sys.executable, "-m", "training.build_ops"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for op in ("deepspeed_shm_comm", "cpu_adam"):
+        assert f"DeepSpeed op {op} ready" in r.stdout + r.stderr
+        assert list(Path(get_default_build_root()).glob(f"*/{op}/{op}.so")), op  # <root>/py311_cpu/<op>/
