@@ -201,6 +201,7 @@ def test_missing_marker_stale_latest_and_corrupt_checkpoint(real_shards, tmp_pat
     rc, log = train(real_shards, out, "--zero-stage", "2", "max_steps=10", "save_every=2")
     assert rc != 0
     assert "is corrupt" in log and victim.name in log
+    assert "ranks (CPU/gloo)" not in log, "refused by the launcher, before any rank started"
     assert tags(out)[-1] == "step-00000008"  # nothing newer was written
 
     # Someone with write access to the run plants a pickle that would run code when DeepSpeed loads
@@ -214,6 +215,7 @@ def test_missing_marker_stale_latest_and_corrupt_checkpoint(real_shards, tmp_pat
     marker_path.write_text(json.dumps(marker))
     rc, log = train(real_shards, out, "--zero-stage", "2", "max_steps=10", "save_every=2")
     assert rc != 0 and "COMMITTED.json is unsigned" in log, log[-3000:]
+    assert "ranks (CPU/gloo)" not in log
     assert not sentinel.exists(), "the planted checkpoint file was unpickled"
     assert Planted.runs_on_load(sentinel)  # the oracle: loading that file does run its code
 

@@ -109,7 +109,9 @@ def _open_run(cfg: TrainConfig) -> Path:
         _check_resume(run, cfg)
         tags = ckpt.committed(run / "checkpoints")
         if tags:
-            log(f"resuming {cfg.out} from checkpoint {tags[-1]}")
+            # Refused here, before any rank starts, as each rank refuses it again as it loads.
+            ckpt.verify(run / "checkpoints", tags[-1])
+            log(f"resuming {cfg.out} from checkpoint {tags[-1]} (signature and sha256 verified)")
         elif (run / "checkpoints").exists() or (run / "metrics.jsonl").exists():
             log(f"{cfg.out} has no committed checkpoint: starting from step 0", level="warning")
     return run
