@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from training import checkpoint as ckpt
+
 
 BASE = ["--nproc", "2", "micro_batch_size=4", "log_every=2", "optim.warmup_steps=2", "prefetch=2"]
 
@@ -265,9 +267,27 @@ def test_a_resume_with_another_rank_count_is_refused_naming_both(real_shards, tm
     launcher.prepare(launcher.config_from_args(args))  # the run folder a 2-rank run starts with, no ranks
     step = out / "checkpoints" / "step-00000002"  # and a checkpoint those 2 ranks committed (hand-built)
     step.mkdir(parents=True)
-    (step / "COMMITTED.json").write_text(json.dumps({"tag": step.name, "step": 2, "world_size": 2, "files": {}}))
+    ckpt.commit(out / "checkpoints", step.name, {"step": 2, "world_size": 2})  # signed with this machine's key
     rc, log = train(real_shards, out, "--nproc", "1")
     assert rc == 2 and "step-00000002" in log and "written by 2 ranks" in log and "would start 1" in log, log
+
+
+def test_ranks_build_deepspeed_ops_with_this_environments_ninja(real_shards, tmp_path, monkeypatch):
+    """Whatever PATH the launcher was started with (a shell, pytest, an Airflow worker), the ranks
+    find this environment's ninja first: ninja 1.11 and 1.12+ hash build commands differently,
+    so ranks alternating between two would rebuild DeepSpeed's CPU ops at every switch."""
+    import shutil
+
+    from lmpipe.cli import build_parser
+    from training import launcher
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    args = build_parser().parse_args(["train", "--shards", str(real_shards), "--out", str(tmp_path / "run"), *BASE])
+    env = launcher._launch_env(launcher.config_from_args(args), None)
+    own = Path(sys.executable).parent / "ninja"
+    assert own.is_file() and shutil.which("ninja", path="/usr/bin:/bin") != str(own)
+    assert shutil.which("ninja", path=env["PATH"]) == str(own)
+    assert env["PATH"].endswith("/usr/bin:/bin")  # the rest of PATH is kept
 
 
 def test_a_resume_with_another_zero_stage_is_refused_naming_both(real_shards, tmp_path):

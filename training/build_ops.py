@@ -12,6 +12,7 @@ DeepSpeed's own ``DS_BUILD_OPS`` install does for a CUDA build, so the first ``l
 
 from __future__ import annotations
 
+import os
 import time
 
 from lmpipe.log import log
@@ -23,8 +24,9 @@ def build() -> list[str]:
     """Build (or find already built) the ops of this machine's accelerator; their names."""
     from deepspeed.accelerator import get_accelerator
 
-    from training.launcher import clear_stale_build_locks
+    from training.launcher import build_path, clear_stale_build_locks
 
+    os.environ["PATH"] = build_path()  # the ninja the ranks build with (see build_path)
     acc = get_accelerator()
     if acc.device_name() != "cpu":
         log(f"accelerator {acc.device_name()}: its ops are built by DeepSpeed's own install (DS_BUILD_OPS), "

@@ -223,8 +223,18 @@ def _launch_env(cfg: TrainConfig, mlflow_run: str | None) -> dict[str, str]:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc(cfg))))
         if not cfg.launch.hostfile:
             env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env["PATH"] = build_path()
         clear_stale_build_locks()
     return env
+
+
+def build_path() -> str:
+    """``PATH`` with this interpreter's folder first. torch JIT-builds DeepSpeed's CPU ops with
+    the first ``ninja`` on ``PATH``, and ninja 1.11 and 1.12+ hash build commands differently:
+    ranks started from a shell, a test or an Airflow worker, each with another ``PATH``, would
+    each rebuild what the other ninja built (half a minute or more per launch). The
+    environment's own ninja (a DeepSpeed dependency) always builds them."""
+    return os.pathsep.join([str(Path(sys.executable).parent), settings.get("PATH") or ""])
 
 
 RANK_ENV = "rank-env.json"  # multi-node: what every rank loads at start (mode 600), removed after the run
