@@ -154,10 +154,13 @@ def test_hostile_param_value_is_refused_before_anything_runs(af):
     assert (root / "home" / "sentinel").is_file()
 
 
-def test_corrupt_shard_fails_check_shards_and_never_trains(af):
+def test_corrupt_shard_and_planted_contamination_fail_check_shards_and_never_train(af):
     """A spark-submit on PATH that runs the real job, then flips bytes in one shard it wrote
-    (the job's only argument is the run config, which names the shard set)."""
+    (the job's only argument is the run config, which names the shard set); and the run's
+    evaluation texts (the ``decontaminate`` param) hold one of the corpus's documents."""
     env, root = dict(af["env"]), af["root"]
+    first = json.loads(next(af["corpus"].rglob("*.jsonl")).read_text().splitlines()[0])
+    evals = write_jsonl(root / "evals" / "heldout.jsonl", [{"text": first["content"]}])
     before = champion(env)
     bindir = root / "bin"
     bindir.mkdir()
@@ -171,7 +174,8 @@ printf 'corrupt' | dd of="$shard" bs=1 seek=100 conv=notrunc 2>/dev/null
 """)
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
     env["PATH"] = f"{bindir}:{env['PATH']}"
-    r = airflow(env, "dags", "test", "lm_pipeline", "-c", conf(af["corpus"], f"{root}/out2"), timeout=900)
+    r = airflow(env, "dags", "test", "lm_pipeline", "-c", conf(af["corpus"], f"{root}/out2", decontaminate=str(evals)),
+                timeout=900)
     run = runs(env)[-1]
     states = task_states(env, run["run_id"])
     assert run["state"] == "failed", r.stdout[-4000:]
@@ -179,8 +183,11 @@ printf 'corrupt' | dd of="$shard" bs=1 seek=100 conv=notrunc 2>/dev/null
     assert states["train"] in ("upstream_failed", None), states
     assert not list((root / "out2" / "runs").glob("*/train")), "train must never start on bad shards"
     assert champion(env) == before
-    # the text field set in tokenize_overrides reached the corpus gate and the job
     out = next((root / "out2" / "runs").glob("*"))
+    result = json.loads((out / "checks" / "shards" / "result.json").read_text())
+    failed = {(f["table"], f["kwargs"].get("column")) for f in result["failed"]}
+    assert {("shards", "sha256_matches"), ("dataset", "contaminated_documents")} <= failed, failed
+    # the text field set in tokenize_overrides reached the corpus gate and the job
     assert json.loads((out / "checks" / "corpus" / "result.json").read_text())["config"]["reader"]["text_field"] == "content"
     m = json.loads((out / "shards" / "manifest.json").read_text())
     assert json.loads((out / "shards" / m["config_file"]).read_text())["reader"]["text_field"] == "content"
