@@ -233,8 +233,11 @@ def build_path() -> str:
     the first ``ninja`` on ``PATH``, and ninja 1.11 and 1.12+ hash build commands differently:
     ranks started from a shell, a test or an Airflow worker, each with another ``PATH``, would
     each rebuild what the other ninja built (half a minute or more per launch). The
-    environment's own ninja (a DeepSpeed dependency) always builds them."""
-    return os.pathsep.join([str(Path(sys.executable).parent), settings.get("PATH") or ""])
+    environment's own ninja (a DeepSpeed dependency) always builds them. Calling it again adds
+    nothing, and an unset ``PATH`` never becomes an empty entry (the working directory)."""
+    own = str(Path(sys.executable).parent)
+    rest = [p for p in (settings.get("PATH") or "").split(os.pathsep) if p and p != own]
+    return os.pathsep.join([own, *rest])
 
 
 RANK_ENV = "rank-env.json"  # multi-node: what every rank loads at start (mode 600), removed after the run
